@@ -1,0 +1,95 @@
+"""`python -m pipeline stage=<name>`: run one stage, or every stage in order with `stage=all`.
+
+Each stage reads its inputs from `run_dir` and writes its outputs there, then records them in
+`run_dir/manifest.json`. A stage whose inputs and config are unchanged since it last finished is
+skipped; `force=true` reruns it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import register
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str  # has run(cfg, run_dir) -> metrics
+    config_keys: tuple[str, ...]  # the config groups that shape its outputs
+    inputs: Callable[[DictConfig, Path], list[Path]]
+    outputs: Callable[[DictConfig, Path], list[Path]]
+
+
+def _data_inputs(cfg, run_dir):
+    return [Path(cfg.data.path)] if cfg.data.path else []
+
+
+def _train_outputs(cfg, run_dir):
+    outputs = [run_dir / "adapter", run_dir / "metrics" / "train.json"]
+    return outputs + ([run_dir / "base"] if cfg.model.tiny is not None else [])
+
+
+STAGES: dict[str, StageSpec] = {
+    "data": StageSpec("pipeline.data", ("data",), _data_inputs, lambda cfg, d: [d / "data"]),
+    "train": StageSpec(
+        "pipeline.train",
+        ("model", "train"),
+        lambda cfg, d: [d / "data" / "train.jsonl", d / "data" / "eval.jsonl"],
+        _train_outputs,
+    ),
+}
+
+
+def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
+    from pipeline.manifest import Manifest
+
+    spec = STAGES[name]
+    stage_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
+    manifest = Manifest(run_dir)
+    if not cfg.force and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
+        log.info("stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name)
+        return
+    log.info("stage %s: running", name)
+    metrics = importlib.import_module(spec.module).run(cfg, run_dir)
+    manifest = Manifest(run_dir)  # the stage may have been long; re-read before writing
+    manifest.record(
+        name,
+        outputs=spec.outputs(cfg, run_dir),
+        inputs=spec.inputs(cfg, run_dir),
+        stage_config=stage_config,
+        full_config=OmegaConf.to_container(cfg, resolve=True),
+        metrics=metrics,
+    )
+    log.info("stage %s: done", name)
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    names = list(STAGES) if cfg.stage == "all" else [cfg.stage.value]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        sys.exit(f"stage={unknown[0]} is not implemented yet; available: {', '.join(STAGES)} or all")
+    try:
+        for name in names:
+            run_stage(name, cfg, run_dir)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

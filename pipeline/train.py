@@ -1,0 +1,192 @@
+"""Train stage: QLoRA SFT with trl's SFTTrainer on a 4-bit NF4 base (bitsandbytes) with peft LoRA.
+
+Reads `run_dir/data/`, writes `run_dir/adapter/` (adapter weights, adapter config, the tokenizer with
+the chat template) and `run_dir/metrics/train.json`. Examples are encoded with
+`pipeline.chat.encode_dialog_segments`, so training sees exactly Meta's token ids; the loss is on
+assistant tokens and the EOS closing each assistant turn only.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from pipeline.chat import encode_dialog_segments
+from pipeline.data import read_jsonl
+from pipeline.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens without loss (prompt tokens, padding)
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """input_ids and labels per row, with the truncation policy: keep the longest run of whole
+    exchanges from the start that fits in `max_length`; drop a row whose first exchange alone does
+    not fit. An answer is never cut, so every trained answer ends on its EOS."""
+    examples, truncated, dropped = [], 0, 0
+    for row in rows:
+        segments = encode_dialog_segments(row["messages"], tokenizer)
+        input_ids, labels = [], []
+        for prompt, answer in segments:
+            if len(input_ids) + len(prompt) + len(answer) > max_length:
+                break
+            input_ids += prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + answer
+        if not input_ids:
+            dropped += 1
+            continue
+        truncated += len(input_ids) < sum(len(p) + len(a) for p, a in segments)
+        examples.append({"input_ids": input_ids, "labels": labels})
+    stats = {"rows": len(rows), "rows_truncated": truncated, "rows_dropped": dropped, "max_length": max_length}
+    return examples, stats
+
+
+def tokenizer_model_file(model_cfg) -> Path:
+    """The SentencePiece file the project's tokenizer is built from (see pipeline.tokenizer)."""
+    if model_cfg.tokenizer_path:
+        path = Path(model_cfg.tokenizer_path)
+    elif Path(model_cfg.name_or_path).is_dir():
+        path = Path(model_cfg.name_or_path) / "tokenizer.model"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        # Gated on the hub: needs HF_TOKEN in the environment (never in the config).
+        path = Path(hf_hub_download(model_cfg.name_or_path, "tokenizer.model", revision=model_cfg.revision))
+    if not path.is_file():
+        raise FileNotFoundError(f"model.tokenizer_path: no SentencePiece tokenizer.model at {path}")
+    return path
+
+
+def prepare_base(cfg, run_dir: Path, train_rows: list[dict]) -> tuple[str, Path]:
+    """(base model path or hub id, tokenizer.model file). `model=tiny` builds the base here."""
+    if cfg.model.tiny is None:
+        return cfg.model.name_or_path, tokenizer_model_file(cfg.model)
+    from pipeline.tiny import build_tiny_base
+
+    base_dir = run_dir / "base"
+    if not (base_dir / "config.json").is_file():
+        build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, train_rows, base_dir)
+    # Absolute, so the adapter's base_model_name_or_path loads it from any working directory.
+    return str(base_dir.resolve()), base_dir / "tokenizer.model"
+
+
+def load_quantized_base(base: str, cfg):
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization))
+    return AutoModelForCausalLM.from_pretrained(
+        base,
+        revision=cfg.model.revision if cfg.model.tiny is None else None,
+        quantization_config=quantization,
+        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
+        device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def run(cfg, run_dir: Path) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.evaluate import answer_accuracy
+    from pipeline.tokenizer import build_tokenizer, save_tokenizer
+
+    data_dir = run_dir / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        raise FileNotFoundError(f"{data_dir / 'train.jsonl'} not found: run stage=data first")
+    train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
+
+    base, sp_model = prepare_base(cfg, run_dir, train_rows)
+    tokenizer = build_tokenizer(sp_model)
+    examples, encode_stats = encode_rows(train_rows, tokenizer, cfg.train.max_length)
+    log.info("encoded %d training examples: %s", len(examples), encode_stats)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    resume_from = last_checkpoint(checkpoint_dir) if cfg.train.resume == "auto" else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    elif checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # a fresh start must not mix with an older run's checkpoints
+
+    model = load_quantized_base(base, cfg)
+
+    sft_config = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_length=cfg.train.max_length,
+        include_num_input_tokens_seen="non_padding",
+        **OmegaConf.to_container(cfg.train.sft),
+    )
+    throughput = ThroughputCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=datasets.Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**OmegaConf.to_container(cfg.train.lora)),
+        callbacks=[throughput],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    # Evaluated only after training: bitsandbytes repacks 4-bit weights for its CPU inference
+    # kernel on the first no-grad forward pass, and that kernel has no backward.
+    def accuracy(model):
+        return answer_accuracy(model, tokenizer, eval_rows, cfg.train.eval_max_new_tokens, cfg.train.eval_max_rows)
+
+    trained = accuracy(trainer.model)
+    with trainer.model.disable_adapter():
+        untrained = accuracy(trainer.model)
+    log.info("answer accuracy: trained adapter %s, untrained base %s", trained["accuracy"], untrained["accuracy"])
+
+    with atomic_dir(run_dir / "adapter") as tmp:
+        trainer.model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, sp_model, tmp)
+
+    metrics = {
+        "encode": encode_stats,
+        "steps": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "loss_curve": [
+            {"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e
+        ],
+        **throughput.figures,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "answer_accuracy_untrained_base": untrained,
+        "answer_accuracy_trained": trained,
+    }
+    write_json(run_dir / "metrics" / "train.json", metrics)
+    return metrics
+
+
+class ThroughputCallback(TrainerCallback):
+    """Train tokens/s of this process's run (a resumed run counts only what it trained itself)."""
+
+    def __init__(self):
+        self.figures = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self._start[0]
+        tokens = state.num_input_tokens_seen - self._start[1]
+        self.figures = {
+            "train_seconds": seconds,
+            "train_tokens": tokens,
+            "train_tokens_per_s": tokens / seconds if seconds else None,
+        }
