@@ -47,6 +47,12 @@ STAGES: dict[str, StageSpec] = {
         lambda cfg, d: [d / "data" / "train.jsonl", d / "data" / "eval.jsonl"],
         _train_outputs,
     ),
+    "merge": StageSpec(
+        "pipeline.merge",
+        ("model", "train", "merge"),
+        lambda cfg, d: [d / "adapter", d / "data" / "eval.jsonl"],
+        lambda cfg, d: [d / "merged", d / "metrics" / "merge.json"],
+    ),
 }
 
 

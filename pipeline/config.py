@@ -95,6 +95,21 @@ class TrainConfig:
     sft: dict[str, Any] = field(default_factory=dict)
 
 
+class MergeBase(str, Enum):
+    original = "original"
+    nf4_roundtrip = "nf4_roundtrip"
+
+
+@dataclass
+class MergeConfig:
+    base: MergeBase = MergeBase.nf4_roundtrip
+    dtype: str = "bfloat16"
+    max_shard_size: str = "2GB"
+    check_rows: int = 16
+    max_abs_logit_diff: float = 1.0
+    compare_bases: bool = False
+
+
 @dataclass
 class Config:
     stage: Stage = Stage.all
@@ -103,6 +118,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 def register() -> None:

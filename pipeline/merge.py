@@ -1,0 +1,281 @@
+"""Merge stage: fold the LoRA adapter into the base weights, shard by shard, into `run_dir/merged/`.
+
+Never holds the model twice: each base tensor is read, gets its LoRA delta `scale * B @ A`
+added (in float32), and goes to the output shard being filled, which is written out once it
+reaches `merge.max_shard_size`. Peak memory is about one output shard plus the adapter.
+
+`merge.base` says what the deltas are added to:
+- original: the base weights as published (unsloth's choice);
+- nf4_roundtrip: dequantize(quantize_nf4(W)), the weights the adapter was trained against
+  (axolotl's choice). Both are measured against the 4-bit base + adapter (see conf/merge/).
+Before the directory gets its final name the stage checks itself: the merged model's logits
+against the model it claims to equal, within the stated tolerance, or it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+class MergeError(ValueError):
+    pass
+
+
+def parse_size(size: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not match:
+        raise MergeError(f"merge.max_shard_size={size!r}: expected a size like 500MB or 2GB")
+    return int(float(match[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[match[2]])
+
+
+def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """adapter_config and {base weight name: (lora_A, lora_B, scale)}."""
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise MergeError(f"{path} not found: run stage=train first (or point run_dir at a trained run)")
+    config = json.loads(config_path.read_text())
+    unsupported = {
+        "peft_type": config.get("peft_type") != "LORA",
+        "use_dora": bool(config.get("use_dora")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+    }
+    if any(unsupported.values()):
+        raise MergeError(f"{config_path}: not a plain LoRA adapter ({[k for k, v in unsupported.items() if v]})")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r  # peft's LoRA scaling
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(weights_path, "pt") as f:
+        for key in f.keys():
+            match = ADAPTER_KEY.match(key)
+            if not match:
+                raise MergeError(f"{weights_path}: unexpected tensor {key!r}")
+            parts.setdefault(match["module"] + ".weight", {})[match["part"]] = f.get_tensor(key)
+    deltas = {name: (p["A"], p["B"], scale) for name, p in parts.items()}
+    return config, deltas
+
+
+def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, list[Path]]:
+    """(directory, safetensors files) of the base model; never pickled .bin checkpoints."""
+    base_dir = Path(base)
+    if not base_dir.is_dir():
+        from huggingface_hub import snapshot_download
+
+        base_dir = Path(snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise MergeError(f"{base_dir}: no *.safetensors weights (pickled checkpoints are never loaded)")
+    return base_dir, files
+
+
+def quantized_linear_names(base_dir: Path) -> set[str]:
+    """Weights that bitsandbytes quantized in training: every nn.Linear but the output head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = {"lm_head"}  # transformers keeps the output embedding in full precision
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
+
+
+def nf4_roundtrip(weight: torch.Tensor, quantization: dict) -> torch.Tensor:
+    """dequantize(quantize_nf4(W)) with the training run's bitsandbytes settings."""
+    import bitsandbytes.functional as bnbf
+
+    compute_dtype = getattr(torch, quantization.get("bnb_4bit_compute_dtype", "float32"))
+    quantized, state = bnbf.quantize_4bit(
+        weight.to(compute_dtype),  # transformers loads in the compute dtype, then quantizes
+        blocksize=64,
+        compress_statistics=quantization.get("bnb_4bit_use_double_quant", False),
+        quant_type=quantization.get("bnb_4bit_quant_type", "nf4"),
+    )
+    return bnbf.dequantize_4bit(quantized, state)
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_bytes`, plus the index."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        save_file(self.pending, self.out_dir / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        if self.pending or not self.shards:
+            self.flush()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            (self.out_dir / f"shard-{i}.tmp").rename(self.out_dir / name)
+            (self.out_dir / name).chmod(0o644)  # safetensors writes 0600; servers run as other users
+        if n > 1:
+            weight_map = {t: names[i] for i, tensors in enumerate(self.shards) for t in tensors}
+            total = sum((self.out_dir / name).stat().st_size for name in names)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.out_dir / name for name in names]
+
+
+def merge_weights(base_files: list[Path], deltas: dict, out_dir: Path, dtype: torch.dtype, max_bytes: int,
+                  roundtrip: set[str], quantization: dict) -> dict:  # fmt: skip
+    """Stream every base tensor through (roundtrip?) + delta into output shards."""
+    writer, merged, seen = ShardWriter(out_dir, max_bytes), 0, set()
+    for path in base_files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                seen.add(name)
+                if name in roundtrip:
+                    tensor = nf4_roundtrip(tensor, quantization)
+                if name in deltas:
+                    lora_a, lora_b, scale = deltas[name]
+                    if (lora_b.shape[0], lora_a.shape[1]) != tuple(tensor.shape):
+                        raise MergeError(
+                            f"adapter made for another base: {name} has shape {tuple(tensor.shape)} in the base, "
+                            f"the adapter's delta is {(lora_b.shape[0], lora_a.shape[1])}"
+                        )
+                    tensor = tensor.float() + scale * (lora_b.float() @ lora_a.float())
+                    merged += 1
+                writer.add(name, tensor.to(dtype))
+                del tensor
+    missing = sorted(set(deltas) - seen)
+    if missing:
+        raise MergeError(f"adapter made for another base: it adapts {missing[:3]}..., which the base does not have")
+    shards = writer.close()
+    return {"tensors_merged": merged, "shards": len(shards)}
+
+
+def write_config_files(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    from transformers import AutoConfig, GenerationConfig
+
+    from pipeline.tokenizer import load_tokenizer
+
+    config = AutoConfig.from_pretrained(base_dir)
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    tokenizer = load_tokenizer(adapter_dir)
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # generation stops on the EOS every answer was trained to end on
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generation.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:  # the tokenizer exactly as trained, chat template included
+        shutil.copyfile(adapter_dir / name, out_dir / name)
+
+
+def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):
+    from peft import PeftModel
+
+    from pipeline.train import load_quantized_base
+
+    return PeftModel.from_pretrained(load_quantized_base(base, cfg), str(adapter_dir))
+
+
+def load_full_precision(path, dtype, adapter_dir: Path | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model
+
+
+def run(cfg, run_dir: Path) -> dict:
+    from pipeline.data import read_jsonl
+    from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
+    from pipeline.model_card import write_model_card
+    from pipeline.tokenizer import load_tokenizer
+
+    adapter_dir = run_dir / "adapter"
+    adapter_config, deltas = load_adapter(adapter_dir)
+    base = adapter_config["base_model_name_or_path"]
+    base_dir, base_files = base_weight_files(base, cfg.model.revision)
+    dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value
+    quantization = OmegaConf.to_container(cfg.train.quantization)
+    tokenizer = load_tokenizer(adapter_dir)
+    sequences = eval_sequences(read_jsonl(run_dir / "data" / "eval.jsonl"), tokenizer,
+                               cfg.merge.check_rows, cfg.train.max_length)  # fmt: skip
+    if not sequences:
+        raise MergeError(f"{run_dir / 'data' / 'eval.jsonl'}: no eval rows to check the merge on")
+
+    # What the adapter was trained against: the reference for every fidelity figure.
+    trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
+    figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
+
+    def merge_to(out_dir: Path, mode: str) -> dict:
+        roundtrip = quantized_linear_names(base_dir) if mode == "nf4_roundtrip" else set()
+        stats = merge_weights(base_files, deltas, out_dir, dtype, parse_size(cfg.merge.max_shard_size),
+                              roundtrip, quantization)  # fmt: skip
+        write_config_files(base_dir, adapter_dir, out_dir, dtype)
+        return stats
+
+    if cfg.merge.compare_bases:  # the evidence behind the default of merge.base
+        other = "original" if mode == "nf4_roundtrip" else "nf4_roundtrip"
+        with atomic_dir(run_dir / ".merge-compare") as tmp:
+            merge_to(tmp, other)
+            figures[f"merged_{other}"] = compare(hf_logits(load_full_precision(tmp, dtype), sequences), trained_logits)
+        shutil.rmtree(run_dir / ".merge-compare")
+
+    with atomic_dir(run_dir / "merged") as tmp:
+        stats = merge_to(tmp, mode)
+        merged_logits = hf_logits(load_full_precision(tmp, dtype), sequences)
+        figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
+        figures["merged"] = {"perplexity": perplexity(merged_logits, sequences), "top1_agreement_with_merged": 1.0}
+        figures["4bit_adapter"]["top1_agreement_with_merged"] = compare(trained_logits, merged_logits)["top1_agreement"]
+
+        # Self-check: the merged weights must compute what they claim to fold.
+        if mode == "original":
+            reference = hf_logits(load_full_precision(base_dir, dtype, adapter_dir), sequences)
+            reference_name = "full-precision base + adapter (unmerged)"
+        else:
+            reference, reference_name = trained_logits, "4-bit base + adapter"
+        check = compare(merged_logits, reference)
+        check.update(reference=reference_name, max_abs_logit_diff_allowed=cfg.merge.max_abs_logit_diff)
+        if check["max_abs_logit_diff"] > cfg.merge.max_abs_logit_diff:
+            raise MergeError(
+                f"merge self-check failed: max |logit difference| against the {reference_name} is "
+                f"{check['max_abs_logit_diff']:.3g} > merge.max_abs_logit_diff={cfg.merge.max_abs_logit_diff}"
+            )
+        metrics = {"base": base, "mode": mode, "dtype": cfg.merge.dtype, **stats,
+                   "self_check": check, "fidelity": figures}  # fmt: skip
+        write_model_card(tmp, cfg, run_dir, metrics)
+    log.info("merge self-check: max |dlogit| %.3g (allowed %s), top-1 agreement %.4f",
+             check["max_abs_logit_diff"], cfg.merge.max_abs_logit_diff, check["top1_agreement"])  # fmt: skip
+    write_json(run_dir / "metrics" / "merge.json", metrics)
+    return metrics

@@ -1,0 +1,78 @@
+"""The model card (`merged/README.md`): what the model is, how it was made and checked, how to serve it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CARD = """---
+base_model: {base_id}
+library_name: transformers
+tags: [llama-2, qlora, sft]
+---
+# {name}
+
+{base_id} fine-tuned with QLoRA on `{data}`, LoRA merged into the weights (`merge.base={mode}`, {dtype}).
+Chat format: Llama-2 (`[INST] ... [/INST]`, optional `<<SYS>>` block), written into `tokenizer_config.json`
+as `chat_template`; rendered and tokenized it gives the same token ids as Meta's `chat_completion`.
+
+## Recipe
+```yaml
+{recipe}
+```
+
+## Training
+{train}
+
+## Merge fidelity (eval set, assistant tokens; reference: the 4-bit base + adapter as trained)
+| artifact | KL/token | max abs dlogit | top-1 agreement | perplexity |
+|---|---|---|---|---|
+{fidelity}
+
+Self-check: {check}
+
+## Serve
+TGI (reads `chat_template` from `tokenizer_config.json`; the template emits BOS itself):
+```
+docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-inference:3.3.6 --model-id /model
+```
+llama.cpp: convert with `python -m pipeline stage=convert` (or llama.cpp's `convert_hf_to_gguf.py`); the GGUF
+carries the same template, and `python -m llama_cpp.server --model model.gguf` uses it for `/v1/chat/completions`.
+Do not add BOS yourself to a prompt rendered with the template: it is already there.
+"""
+
+
+def _row(name: str, f: dict) -> str:
+    def fmt(key):
+        return f"{f[key]:.4g}" if isinstance(f.get(key), (int, float)) else "-"
+
+    return f"| {name} | {fmt('kl_per_token')} | {fmt('max_abs_logit_diff')} | {fmt('top1_agreement')} | {fmt('perplexity')} |"
+
+
+def write_model_card(out_dir: Path, cfg, run_dir: Path, merge_metrics: dict) -> None:
+    train_metrics_path = run_dir / "metrics" / "train.json"
+    train = json.loads(train_metrics_path.read_text()) if train_metrics_path.is_file() else {}
+    summary = {k: train.get(k) for k in ("steps", "train_tokens_per_s")}
+    accuracy = (train.get("answer_accuracy_trained") or {}).get("accuracy")
+    if accuracy is not None:
+        summary["eval_answer_accuracy"] = accuracy
+    curve = train.get("loss_curve") or []
+    if curve:
+        summary["final_loss"] = curve[-1]["loss"]
+    card = CARD.format(
+        base_id=cfg.model.name_or_path or "tiny local Llama (model=tiny)",
+        name=f"{cfg.model.name}-{cfg.data.name}-qlora-merged",
+        data=cfg.data.hub_id or cfg.data.path or cfg.data.name,
+        mode=merge_metrics["mode"],
+        dtype=merge_metrics["dtype"],
+        recipe=OmegaConf.to_yaml({"train": OmegaConf.to_container(cfg.train, resolve=True)}).strip(),
+        train=", ".join(f"{k}: {v}" for k, v in summary.items()),
+        fidelity="\n".join(_row(name, f) for name, f in merge_metrics["fidelity"].items()),
+        check=(
+            f"max abs dlogit {merge_metrics['self_check']['max_abs_logit_diff']:.3g} against the "
+            f"{merge_metrics['self_check']['reference']} (allowed {merge_metrics['self_check']['max_abs_logit_diff_allowed']})"
+        ),
+    )
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
