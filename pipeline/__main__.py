@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import register
+from pipeline.convert import OUTTYPES
 
 log = logging.getLogger("pipeline")
 
@@ -28,6 +29,12 @@ class StageSpec:
     config_keys: tuple[str, ...]  # the config groups that shape its outputs
     inputs: Callable[[DictConfig, Path], list[Path]]
     outputs: Callable[[DictConfig, Path], list[Path]]
+
+
+def _gguf(cfg, run_dir, type_name):
+    from pipeline.convert import gguf_path
+
+    return gguf_path(cfg, run_dir, type_name)
 
 
 def _data_inputs(cfg, run_dir):
@@ -52,6 +59,18 @@ STAGES: dict[str, StageSpec] = {
         ("model", "train", "merge"),
         lambda cfg, d: [d / "adapter", d / "data" / "eval.jsonl"],
         lambda cfg, d: [d / "merged", d / "metrics" / "merge.json"],
+    ),
+    "convert": StageSpec(
+        "pipeline.convert",
+        ("export",),
+        lambda cfg, d: [d / "merged"],
+        lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
+    ),
+    "quantize": StageSpec(
+        "pipeline.quantize",
+        ("export",),
+        lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
+        lambda cfg, d: [_gguf(cfg, d, q) for q in cfg.export.quants],
     ),
 }
 
@@ -92,9 +111,19 @@ def main(cfg: DictConfig) -> None:
     try:
         for name in names:
             run_stage(name, cfg, run_dir)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        log.error("%s", err)
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
+        log.error("%s: %s", type(err).__name__, err)
         sys.exit(1)
+    print_summary(run_dir)
+
+
+def print_summary(run_dir: Path) -> None:
+    from pipeline.ladder import format_table, ladder_table
+    from pipeline.manifest import Manifest
+
+    rows = ladder_table(Manifest(run_dir).data)
+    if rows:
+        print(f"\nFidelity ladder ({run_dir}, eval set, assistant tokens):\n{format_table(rows)}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,15 @@ class MergeConfig:
 
 
 @dataclass
+class ExportConfig:
+    name: Optional[str] = None
+    outtype: str = "f16"
+    quants: list[str] = field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
+    ladder_rows: int = 16
+    min_top1_agreement: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     stage: Stage = Stage.all
     run_dir: str = "outputs/run"
@@ -119,6 +128,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register() -> None:

@@ -22,8 +22,9 @@ class GGUFCheckError(ValueError):
     pass
 
 
-def convert_to_gguf(hf_dir: Path, outfile: Path, outtype: str = "f16", vocab_only: bool = False) -> None:
-    """Run llama.cpp's converter into a temporary file, then rename it to `outfile`."""
+def convert_to_gguf(hf_dir: Path, outfile: Path, outtype: str = "f16", vocab_only: bool = False,
+                    check=None) -> None:  # fmt: skip
+    """Run llama.cpp's converter into a temporary file, `check(tmp)` it, then rename it to `outfile`."""
     if outtype not in OUTTYPES:
         raise ValueError(f"export.outtype={outtype!r}: expected one of {sorted(OUTTYPES)}")
     with atomic_file(outfile) as tmp:
@@ -31,6 +32,8 @@ def convert_to_gguf(hf_dir: Path, outfile: Path, outtype: str = "f16", vocab_onl
         result = subprocess.run(command + (["--vocab-only"] if vocab_only else []), capture_output=True, text=True)
         if result.returncode != 0 or not tmp.is_file():
             raise RuntimeError(f"convert_hf_to_gguf failed on {hf_dir}:\n{result.stderr[-3000:]}")
+        if check is not None:
+            check(tmp)
 
 
 def read_gguf_metadata(path: Path) -> dict:
@@ -65,3 +68,24 @@ def check_gguf(path: Path, bos_id: int, eos_id: int) -> dict:
     if problems:
         raise GGUFCheckError(f"{path}: " + "; ".join(problems))
     return {key: metadata.get(key) for key in expected if key != "tokenizer.chat_template"}
+
+
+def gguf_path(cfg, run_dir: Path, type_name: str) -> Path:
+    """`run_dir/gguf/<name>-<TYPE>.gguf`: the file name carries the type."""
+    return run_dir / "gguf" / f"{cfg.export.name or cfg.model.name + '-' + cfg.data.name}-{type_name}.gguf"
+
+
+def run(cfg, run_dir: Path) -> dict:
+    from pipeline.ladder import gguf_rung
+    from pipeline.tokenizer import load_tokenizer
+
+    merged = run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        raise FileNotFoundError(f"{merged} not found or incomplete: run stage=merge first")
+    tokenizer = load_tokenizer(merged)
+    outfile = gguf_path(cfg, run_dir, OUTTYPES[cfg.export.outtype])
+    checked = {}
+    convert_to_gguf(merged, outfile, cfg.export.outtype,
+                    check=lambda tmp: checked.update(check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)))  # fmt: skip
+    log.info("wrote %s (%.1f MB), metadata checked: %s", outfile, outfile.stat().st_size / 1e6, checked)
+    return {"gguf": outfile.name, "metadata": checked, "ladder": {OUTTYPES[cfg.export.outtype]: gguf_rung(cfg, run_dir, outfile)}}
