@@ -29,6 +29,7 @@ class StageSpec:
     config_keys: tuple[str, ...]  # the config groups that shape its outputs
     inputs: Callable[[DictConfig, Path], list[Path]]
     outputs: Callable[[DictConfig, Path], list[Path]]
+    always_run: bool = False
 
 
 def _gguf(cfg, run_dir, type_name):
@@ -72,6 +73,9 @@ STAGES: dict[str, StageSpec] = {
         lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
         lambda cfg, d: [_gguf(cfg, d, q) for q in cfg.export.quants],
     ),
+    # Always reruns: it checks live engines, whose behaviour is not an input the manifest hashes.
+    "smoke": StageSpec("pipeline.smoke", (), lambda cfg, d: [], lambda cfg, d: [d / "smoke" / "report.json"],
+                       always_run=True),  # fmt: skip
 }
 
 
@@ -81,7 +85,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
     spec = STAGES[name]
     stage_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
     manifest = Manifest(run_dir)
-    if not cfg.force and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
+    if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
         log.info("stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name)
         return
     log.info("stage %s: running", name)

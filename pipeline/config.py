@@ -120,6 +120,29 @@ class ExportConfig:
 
 
 @dataclass
+class TGISmokeConfig:
+    url: Optional[str] = None  # a running TGI serving run_dir/merged
+    launch: Optional[str] = None  # "docker": start the pinned TGI image with run_dir/merged mounted
+    image: str = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+    startup_timeout: float = 600.0
+
+
+@dataclass
+class SmokeConfig:
+    hf_dir: Optional[str] = None  # merged HF dir to check instead of run_dir/merged
+    gguf: list[str] = field(default_factory=list)  # GGUFs to check instead of run_dir/gguf/*
+    eval_sample: int = 16
+    eval_rows: int = 48
+    server_rows: int = 8
+    server_quant: str = "Q4_K_M"
+    n_ctx: int = 1024
+    max_tokens: int = 64
+    min_accuracy: dict[str, float] = field(default_factory=dict)
+    min_eos_stop: float = 1.0
+    tgi: TGISmokeConfig = field(default_factory=TGISmokeConfig)
+
+
+@dataclass
 class Config:
     stage: Stage = Stage.all
     run_dir: str = "outputs/run"
@@ -129,6 +152,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)
 
 
 def register() -> None:

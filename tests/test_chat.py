@@ -30,12 +30,15 @@ META_B_SYS, META_E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 def meta_reference_ids(sp: spm.SentencePieceProcessor, messages: list[dict]) -> list[int]:
-    """Token ids of Meta's `Llama.chat_completion` for `messages` (no validation: callers pass valid dialogs)."""
+    """Token ids of Meta's `Llama.chat_completion` for `messages` (no validation: pass valid dialogs)."""
     dialog = [dict(m) for m in messages]
     if dialog[0]["role"] == "system":
         # Meta folds the system prompt into the first user message; the system text is not stripped.
         dialog = [
-            {"role": dialog[1]["role"], "content": META_B_SYS + dialog[0]["content"] + META_E_SYS + dialog[1]["content"]}
+            {
+                "role": dialog[1]["role"],
+                "content": META_B_SYS + dialog[0]["content"] + META_E_SYS + dialog[1]["content"],
+            }
         ] + dialog[2:]
     ids: list[int] = []
     for user, answer in zip(dialog[::2], dialog[1::2]):
@@ -52,7 +55,8 @@ def pieces(sp: spm.SentencePieceProcessor, ids: list[int]) -> list[str]:
 
 def first_difference(sp: spm.SentencePieceProcessor, expected: list[int], actual: list[int]) -> str:
     """A readable account of where two id lists part: position and the token pieces around it."""
-    at = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
+    shorter = min(len(expected), len(actual))
+    at = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), shorter)
     lo, hi = max(0, at - 4), at + 6
     return (
         f"first difference at token {at} (reference has {len(expected)} tokens, got {len(actual)}):\n"
@@ -142,11 +146,18 @@ DIALOGS = {
     "prompt-single-user": [user("Hello!")],
     "train-single-exchange": [user("Hello!"), assistant("Hi! How can I help you today?")],
     "prompt-system": [system("You are a helpful assistant."), user("Tell me a joke.")],
-    "train-system": [system("You are a helpful assistant."), user("Tell me a joke."), assistant("Why did the llama...")],
+    "train-system": [
+        system("You are a helpful assistant."),
+        user("Tell me a joke."),
+        assistant("Why did the llama..."),
+    ],
     "train-system-empty": [system(""), user("Hi"), assistant("Hello")],
     "prompt-system-empty": [system(""), user("Hi")],
     # Meta does not strip the system text: its whitespace stays inside <<SYS>> ... <</SYS>>
-    "prompt-system-surrounding-whitespace": [system("\n\n  Be brief.\tAlways.  \n"), user("  Why is the sky blue?\n")],
+    "prompt-system-surrounding-whitespace": [
+        system("\n\n  Be brief.\tAlways.  \n"),
+        user("  Why is the sky blue?\n"),
+    ],
     "train-system-multiline": [
         system("Rules:\n1. Be kind.\n2. Be brief.\n"),
         user("Hi"),
@@ -156,9 +167,18 @@ DIALOGS = {
     ],
     "train-three-exchanges": THREE_EXCHANGES,
     "prompt-three-exchanges-then-user": THREE_EXCHANGES + [user("And Madrid?")],
-    "prompt-system-two-exchanges-then-user": [system("Answer in French.")] + THREE_EXCHANGES[:4] + [user("Merci !")],
-    "train-five-exchanges": [m for i in range(5) for m in (user(f"Count to {i}."), assistant(" ".join(map(str, range(i + 1)))))],
-    "unicode-accents": [user("Café crème, naïve façade, Ångström in Zürich, señor, Œuvre"), assistant("Très bien, ça va.")],
+    "prompt-system-two-exchanges-then-user": [
+        system("Answer in French."),
+        *THREE_EXCHANGES[:4],
+        user("Merci !"),
+    ],
+    "train-five-exchanges": [
+        m for i in range(5) for m in (user(f"Count to {i}."), assistant(" ".join(map(str, range(i + 1)))))
+    ],
+    "unicode-accents": [
+        user("Café crème, naïve façade, Ångström in Zürich, señor, Œuvre"),
+        assistant("Très bien, ça va."),
+    ],
     "unicode-cjk": [user("你好，世界！今日はいい天気ですね。안녕하세요"), assistant("こんにちは！今天天气很好。")],
     "unicode-rtl": [user("مرحبا بالعالم — שלום עולם"), assistant("أهلاً! ‏שלום‎ (mixed LTR text)")],
     "unicode-emoji-zwj": [
@@ -166,11 +186,18 @@ DIALOGS = {
         assistant("🧑‍💻 done ✅"),
     ],
     "unicode-whitespace-stripped": [user("\u00a0\u3000hi there\u2028\u0085"), assistant("\u2003ok\u00a0")],
-    "surrounding-whitespace-newlines": [user("\n\n   What?   \n"), assistant("  \n Answer.\n\n "), user("\n next \n")],
+    "surrounding-whitespace-newlines": [
+        user("\n\n   What?   \n"),
+        assistant("  \n Answer.\n\n "),
+        user("\n next \n"),
+    ],
     "tabs": [user("col1\tcol2\tcol3\n\tindented\t"), assistant("\ta\tb\t")],
     "runs-of-spaces": [user("a  b   c    d     e"), assistant("x      y  z")],
     "crlf-newlines": [user("line1\r\nline2\rline3\n"), assistant("ok\r\n")],
-    "digits": [user("Compute 12345 * 678, pi≈3.14159, date 2024-01-01, 0x1F, 1e-9"), assistant("12345 * 678 = 8369910")],
+    "digits": [
+        user("Compute 12345 * 678, pi≈3.14159, date 2024-01-01, 0x1F, 1e-9"),
+        assistant("12345 * 678 = 8369910"),
+    ],
     "markdown": [
         user("# Title\n\n- item **bold** _it_\n1. one\n\n> quote\n\n| a | b |\n|---|---|\n| 1 | 2 |"),
         assistant("## Answer\n\n* [link](http://example.com) `code`"),
@@ -228,13 +255,20 @@ def guanaco_dialog(record: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def guanaco_sample(guanaco_records) -> dict[tuple[str, int], tuple[int, list[dict]]]:
-    """25 multi-turn and 25 single-turn records, chosen by a fixed seed: (kind, k) -> (record index, dialog)."""
+    """25 multi-turn and 25 single-turn records, fixed seed: (kind, k) -> (record index, dialog)."""
     dialogs = [guanaco_dialog(r) for r in guanaco_records]
     multi = [i for i, d in enumerate(dialogs) if len(d) >= 4]
     single = [i for i, d in enumerate(dialogs) if len(d) == 2]
     rng = random.Random(20240101)
-    chosen = {"multi": sorted(rng.sample(multi, SAMPLE_SIZE)), "single": sorted(rng.sample(single, SAMPLE_SIZE))}
-    return {(kind, k): (index, dialogs[index]) for kind, indices in chosen.items() for k, index in enumerate(indices)}
+    chosen = {
+        "multi": sorted(rng.sample(multi, SAMPLE_SIZE)),
+        "single": sorted(rng.sample(single, SAMPLE_SIZE)),
+    }
+    return {
+        (kind, k): (index, dialogs[index])
+        for kind, indices in chosen.items()
+        for k, index in enumerate(indices)
+    }
 
 
 GUANACO_CASES = [
@@ -269,7 +303,7 @@ def test_encode_dialog_matches_reference_on_all_guanaco_records(guanaco_records,
         expected, actual = meta_reference_ids(sp, messages), encode_dialog(messages, project_tokenizer)
         if actual != expected:
             mismatches.append(f"record {index}: " + first_difference(sp, expected, actual))
-    assert not mismatches, f"{len(mismatches)} of 953 records differ; first ones:\n" + "\n".join(mismatches[:3])
+    assert not mismatches, f"{len(mismatches)} of 953 records differ, first:\n" + "\n".join(mismatches[:3])
 
 
 def test_engines_match_reference_on_all_guanaco_records(guanaco_records, engine, sp):
@@ -304,12 +338,13 @@ def test_encode_dialog_keeps_control_token_text_as_text(messages, project_tokeni
     # SentencePiece never parses "<s>" typed in text as a control token; neither may we.
     expected = meta_reference_ids(sp, messages)
     assert ids == expected, first_difference(sp, expected, ids)
-    # Exactly one BOS per exchange, each at an exchange start, and EOS only right before the next BOS or at the end.
+    # One BOS per exchange, each at an exchange start; EOS only right before the next BOS or at the end.
     exchanges = sum(m["role"] == "user" for m in messages)
     bos_at = [i for i, t in enumerate(ids) if t == bos]
     eos_at = [i for i, t in enumerate(ids) if t == eos]
     assert len(bos_at) == exchanges and bos_at[0] == 0
-    assert eos_at == [i - 1 for i in bos_at[1:]] + ([len(ids) - 1] if messages[-1]["role"] == "assistant" else [])
+    closed_last = [len(ids) - 1] if messages[-1]["role"] == "assistant" else []
+    assert eos_at == [i - 1 for i in bos_at[1:]] + closed_last
     # ... and the typed tags come back as text (sp.decode drops real control tokens).
     decoded = sp.decode(ids)
     assert all(m["content"].strip() in decoded for m in messages)
@@ -325,6 +360,7 @@ def test_engines_refuse_control_token_text(messages, engine):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE refuses only <s>/</s> (CONTROL_TOKEN_TEXT), not <unk>: "
     "all three engines parse '<unk>' typed in a message into control token id 0, Meta encodes it as text",
 )
@@ -380,8 +416,8 @@ ROLE_ERRORS = {
     "system-alone": ([system("s")], r"system message must be followed by a user message"),
     "empty-dialog": ([], r"dialog is empty"),
     "unknown-role": ([{"role": "tool", "content": "x"}], r"message 0: role must be one of .*'tool'"),
-    "content-none": ([{"role": "user", "content": None}], r"message 0: content must be a string, got NoneType"),
-    "content-int": ([user("a"), {"role": "assistant", "content": 42}], r"message 1: content must be a string, got int"),
+    "content-none": ([{"role": "user", "content": None}], r"message 0: content must be a string.*NoneType"),
+    "content-int": ([user("a"), {"role": "assistant", "content": 42}], r"message 1: content must be.*int"),
     "content-list": (
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         r"message 0: content must be a string, got list",
@@ -416,6 +452,7 @@ def test_engines_refuse_non_alternating_roles(messages, engine):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=pytest.fail.Exception,  # "DID NOT RAISE"
     reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE renders a system-only dialog as '' (engines return [] "
     "ids) instead of refusing it; encode_dialog raises DialogError and Meta cannot encode it either",
 )
@@ -438,8 +475,10 @@ def test_engines_refuse_system_only_dialog(engine):
             "tgi",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE: minijinja's `trim` (Rust str::trim, Unicode "
-                "White_Space) keeps U+001C..U+001F, which Python's str.strip() (Meta, jinja2) removes",
+                raises=AssertionError,
+                reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE: minijinja's `trim` (Rust str::trim, "
+                "Unicode White_Space) keeps U+001C..U+001F, which Python's str.strip() (Meta, jinja2) "
+                "removes",
             ),
         ),
         "llama.cpp",
@@ -476,9 +515,12 @@ def llama_bpe_backend(model_file, merges_ranked_by_score: bool):
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     scores = {p.piece: p.score for p in proto.pieces}
     merges = generate_merges(vocab, scores) if merges_ranked_by_score else generate_merges(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    )
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    specials = ("<unk>", "<s>", "</s>")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return backend
 
 
@@ -508,9 +550,11 @@ def test_default_merge_ranking_example_pieces(default_backend, sp):
     assert default_backend.encode("a  b", add_special_tokens=False).tokens == ["▁a", "▁▁", "b"]
 
 
-def test_merge_ranking_on_all_guanaco_records(guanaco_records, default_backend, score_backend, project_tokenizer, sp):
+def test_merge_ranking_on_all_guanaco_records(
+    guanaco_records, default_backend, score_backend, project_tokenizer, sp
+):
     """Raw record text (input + " " + output): 126 of 953 differ with the default ranking (as
-    ../shared/notes/serving.md says); none with merges ranked by score, and none with the project's tokenizer."""
+    ../shared/notes/serving.md says); none with merges ranked by score, none with the project's tokenizer."""
     texts = [r["input"] + " " + r["output"] for r in guanaco_records]
     reference = [sp.encode(t) for t in texts]
 

@@ -139,7 +139,7 @@ def test_compose_rejects_unknown_key_in_schema():
     "override, expected",
     [
         ("train.not_a_key=1", ["Key 'not_a_key' not in 'TrainConfig'", "full_key: train.not_a_key"]),
-        ("train.max_length=abc", ["'abc'", "could not be converted to Integer", "full_key: train.max_length"]),
+        ("train.max_length=abc", ["'abc'", "converted to Integer", "full_key: train.max_length"]),
         ("model=nope", ["Could not find 'model/nope'", "llama2_7b", "tiny"]),
         ("stage=nope", ["Invalid value 'nope'", "expected one of", "data", "full_key: stage"]),
     ],

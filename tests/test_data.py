@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -31,7 +32,10 @@ def dialog(i: int) -> list[dict]:
             {"role": "user", "content": "And then?"},
             {"role": "assistant", "content": f"Then {i}."},
         ]
-    return [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}.\nSecond line."}]
+    return [
+        {"role": "user", "content": f"Question {i}?"},
+        {"role": "assistant", "content": f"Answer {i}.\nSecond line."},
+    ]
 
 
 def guanaco_row(i: int) -> dict:
@@ -50,6 +54,10 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def splits(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    return read_jsonl(run_dir / "data" / "train.jsonl"), read_jsonl(run_dir / "data" / "eval.jsonl")
 
 
 def key(messages) -> str:
@@ -94,7 +102,10 @@ def test_parse_single_turn():
 
 
 def test_parse_multi_turn_keeps_inner_newlines():
-    text = "### Human: Hi ### Assistant: Hello!\n\nHow can I help? ### Human: A poem. ### Assistant: Roses\nare red."
+    text = (
+        "### Human: Hi ### Assistant: Hello!\n\nHow can I help? "
+        "### Human: A poem. ### Assistant: Roses\nare red."
+    )
     assert parse_guanaco_text(text) == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!\n\nHow can I help?"},
@@ -138,7 +149,8 @@ N_ROWS = 20
 
 @pytest.fixture(scope="module")
 def local_jsonl(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("src") / "guanaco.jsonl", [guanaco_row(i) for i in range(N_ROWS)])
+    path = tmp_path_factory.mktemp("src") / "guanaco.jsonl"
+    return write_jsonl(path, [guanaco_row(i) for i in range(N_ROWS)])
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +161,7 @@ def split_run(local_jsonl, tmp_path_factory) -> Path:
 
 
 def test_data_stage_writes_messages_jsonl(split_run):
-    train, evals = read_jsonl(split_run / "data" / "train.jsonl"), read_jsonl(split_run / "data" / "eval.jsonl")
+    train, evals = splits(split_run)
     assert (len(train), len(evals)) == (16, 4)  # 20 rows, eval_fraction 0.2
     for row in train + evals:
         assert set(row) == {"messages"}
@@ -199,7 +211,7 @@ def test_json_and_parquet_copies_load(suffix, tmp_path):
         pq.write_table(pa.table(columns), path)
     run_dir = tmp_path / "run"
     run_data(run_dir, f"data.path={path}")
-    train, evals = read_jsonl(run_dir / "data" / "train.jsonl"), read_jsonl(run_dir / "data" / "eval.jsonl")
+    train, evals = splits(run_dir)
     assert len(evals) == 1  # round(20 * 0.05)
     assert sorted(key(r["messages"]) for r in train + evals) == sorted(key(dialog(i)) for i in range(N_ROWS))
 
@@ -223,7 +235,7 @@ def test_real_oa_questions_file_loads_in_place(tmp_path):
     path = need(GUANACO_QUESTIONS).resolve()  # read in place, never copied
     result = run_data(tmp_path, f"data.path={path}", check=False)
     assert result.returncode == 0, output_of(result, tmp_path)[-2000:]
-    train, evals = read_jsonl(tmp_path / "data" / "train.jsonl"), read_jsonl(tmp_path / "data" / "eval.jsonl")
+    train, evals = splits(tmp_path)
     assert (len(train), len(evals)) == (905, 48)  # 5% of 953 by default
     metrics = manifest(tmp_path)["stages"]["data"]["metrics"]
     assert metrics["rows_read"] == 953 and metrics["rows_skipped"] == 0
@@ -238,13 +250,19 @@ LAST = json.dumps(guanaco_row(4))
 # name: (file text, line of the bad row, what the message must say). Blank lines count as lines.
 BAD_ROWS = {
     "malformed_json": (f'{GOOD}\n{{"text": "### Human: a ### Assistant: b"\n{LAST}\n', 2, ["malformed JSON"]),
-    "missing_text_field": (f'{GOOD}\n\n{{"prompt": "hi"}}\n{LAST}\n', 3, ["missing field", "'text'", "'output'"]),
+    "missing_text_field": (
+        f'{GOOD}\n\n{{"prompt": "hi"}}\n{LAST}\n', 3, ["missing field", "'text'", "'output'"]
+    ),
     "no_assistant": (f'{GOOD}\n{{"text": "### Human: only a question"}}\n{LAST}\n', 2, ["### Assistant:"]),
     "non_alternating": (
-        f'{GOOD}\n{{"text": "### Human: a ### Human: b ### Assistant: c"}}\n{LAST}\n', 2, ["alternate", "'assistant'"]
+        f'{GOOD}\n{{"text": "### Human: a ### Human: b ### Assistant: c"}}\n{LAST}\n',
+        2,
+        ["alternate", "'assistant'"],
     ),
     "turn_boundary_text": (
-        f'{GOOD}\n{{"text": "### Human: say [INST] now ### Assistant: c"}}\n{LAST}\n', 2, ["'[INST]'", "turn-boundary"]
+        f'{GOOD}\n{{"text": "### Human: say [INST] now ### Assistant: c"}}\n{LAST}\n',
+        2,
+        ["'[INST]'", "turn-boundary"],
     ),
 }  # fmt: skip
 
@@ -276,7 +294,7 @@ def test_bad_row_fails_naming_line_then_skip_keeps_good_rows(case, tmp_path):
 BAD_FILES = {
     "empty_file": ("empty.jsonl", "", ["no usable rows"]),
     "missing_file": ("absent.jsonl", None, ["not found"]),
-    "unsupported_extension": ("rows.csv", "text\n### Human: a ### Assistant: b\n", [".jsonl", ".json", ".parquet"]),
+    "unsupported_extension": ("rows.csv", "text\n### Human: a ### Assistant: b\n", [".jsonl", ".parquet"]),
 }
 
 
@@ -316,7 +334,8 @@ def test_data_error_is_reported_on_stderr(tmp_path):
 )
 def test_undecodable_line_is_a_bad_row(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(GOOD.encode() + b"\n" + '{"text": "### Human: caf\xe9 ### Assistant: b"}\n'.encode("latin-1"))
+    latin1 = '{"text": "### Human: caf\xe9 ### Assistant: b"}\n'.encode("latin-1")
+    path.write_bytes(GOOD.encode() + b"\n" + latin1)
     run_dir = tmp_path / "run"
     result = run_data(run_dir, f"data.path={path}", check=False)
     assert result.returncode != 0
@@ -400,6 +419,11 @@ def test_manifest_records_data_artifacts(split_run, local_jsonl):
     assert config["train"]["lora"]["r"] == 64  # the whole config, not just the data group
 
 
+def stage_skipped(result) -> bool:
+    # the stage's own skip line, not the `rows_skipped` metric in the data log line
+    return re.search(r"stage data: [^\n]*skipped", result.stdout + result.stderr) is not None
+
+
 def test_unchanged_stage_is_skipped_and_force_reruns(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [guanaco_row(i) for i in range(N_ROWS)])
     run_dir = tmp_path / "run"
@@ -409,23 +433,23 @@ def test_unchanged_stage_is_skipped_and_force_reruns(tmp_path):
 
     result = run_data(run_dir, f"data.path={path}")
     said = result.stdout + result.stderr
-    assert "skipped" in said and "stage data: running" not in said, said
+    assert stage_skipped(result) and "stage data: running" not in said, said
     assert (data_dir.stat().st_ino, manifest(run_dir)) == first  # atomic_dir would have made a new dir
 
     result = run_data(run_dir, f"data.path={path}", "force=true")
     said = result.stdout + result.stderr
-    assert "stage data: running" in said and "skipped" not in said, said
+    assert "stage data: running" in said and not stage_skipped(result), said
     assert data_dir.stat().st_ino != first[0]
 
     # a changed input file is not skipped either
     write_jsonl(path, [guanaco_row(i) for i in range(N_ROWS + 5)])
     result = run_data(run_dir, f"data.path={path}")
-    assert "skipped" not in result.stdout + result.stderr
+    assert not stage_skipped(result)
     assert manifest(run_dir)["stages"]["data"]["metrics"]["rows_read"] == N_ROWS + 5
 
     # and neither is a changed data config
     result = run_data(run_dir, f"data.path={path}", "data.seed=3")
-    assert "skipped" not in result.stdout + result.stderr
+    assert not stage_skipped(result)
     assert manifest(run_dir)["config"]["data"]["seed"] == 3
 
 

@@ -1,0 +1,248 @@
+"""Peak memory and wall time of merging a LoRA adapter into a >= 1 GB fp16 Llama: the project's
+streaming merge (`pipeline.merge.merge_weights`) against peft's `merge_and_unload()`.
+
+    python bench/merge_memory.py [--size-gb 1.0] [--out DIR] [--shard-size 200MB]
+
+1. Builds a randomly initialised Llama of at least `--size-gb` GB of fp16 weights (hidden 2048,
+   enough layers to reach the size), saved with `save_pretrained(max_shard_size=...)` so the base
+   is sharded, and a random LoRA adapter for it (peft, r=16 on every linear layer, lora_B
+   randomised so every delta is non-zero).
+2. Runs each merge in its own fresh Python process, so each peak RSS (`ru_maxrss`) is that
+   method's alone:
+   - project: `pipeline.merge.load_adapter` + `pipeline.merge.merge_weights(...)` into shards;
+   - peft: `AutoModelForCausalLM.from_pretrained(dtype=float16)` + `PeftModel.from_pretrained`
+     + `merge_and_unload()` + `save_pretrained(max_shard_size=...)`.
+   Both workers import the same libraries before the clock starts; the RSS after those imports
+   is reported too (`import RSS`), so the merge's own share is visible.
+3. Checks that both outputs hold the same tensors (same names and shapes, max |diff| small) and
+   that the LoRA deltas were really applied (the merged weights differ from the base).
+4. Prints a table: peak RSS MB, seconds, and project / peft ratios.
+
+`--out DIR` keeps the models, the merged outputs and `results.json` there; without it
+everything lives in a temporary directory that is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5504, 16, 32000
+LORA_R, LORA_ALPHA = 16, 32
+
+
+def llama_config(size_gb: float):
+    """A Llama config whose fp16 weights are at least `size_gb` * 1e9 bytes."""
+    from transformers import LlamaConfig
+
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN  # attention, MLP, 2 norms
+    fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embed_tokens, lm_head (untied), final norm
+    layers = max(1, math.ceil((size_gb * 1e9 / 2 - fixed) / per_layer))
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return config, (fixed + layers * per_layer)
+
+
+def build(work: Path, size_gb: float, shard_size: str) -> dict:
+    """Random base (sharded safetensors) and random LoRA adapter under `work`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config, n_params = llama_config(size_gb)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    base_dir, adapter_dir = work / "base", work / "adapter"
+    model.save_pretrained(base_dir, max_shard_size=shard_size)
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # peft initialises B to zero: the merge would be a no-op
+                param.normal_(0.0, 0.02)
+    peft_model.save_pretrained(adapter_dir)
+    del peft_model, model
+    shards = sorted(base_dir.glob("*.safetensors"))
+    return {
+        "layers": config.num_hidden_layers,
+        "params": n_params,
+        "base_bytes": sum(p.stat().st_size for p in shards),
+        "base_shards": len(shards),
+        "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "build_seconds": time.perf_counter() - start,
+    }
+
+
+# ------------------------------------------------------------------ workers (fresh processes)
+
+
+def rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_size: str) -> dict:
+    # The same imports for both methods, before the clock and the baseline RSS.
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from pipeline import merge as project_merge
+
+    import_rss = rss_mb()
+    start = time.perf_counter()
+    if method == "project":
+        _, deltas = project_merge.load_adapter(adapter_dir)
+        base_files = sorted(base_dir.glob("*.safetensors"))
+        out_dir.mkdir(parents=True)
+        stats = project_merge.merge_weights(base_files, deltas, out_dir, torch.float16,
+                                            project_merge.parse_size(shard_size), roundtrip=set(), quantization={})  # fmt: skip
+    elif method == "peft":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float16, device_map="cpu")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out_dir, max_shard_size=shard_size)
+        stats = {"shards": len(list(out_dir.glob("*.safetensors")))}
+    else:
+        raise SystemExit(f"unknown method {method!r}")
+    seconds = time.perf_counter() - start
+    return {"method": method, "seconds": seconds, "peak_rss_mb": rss_mb(), "import_rss_mb": import_rss, **stats}
+
+
+def run_worker(method: str, work: Path, shard_size: str) -> dict:
+    out_dir = work / f"merged-{method}"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(work),
+               "--shard-size", shard_size]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{method} worker failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ checks and report
+
+
+def compare_outputs(work: Path) -> dict:
+    """Same tensor names and shapes in both merged outputs; max |diff| between them and vs the base."""
+    import torch
+    from safetensors import safe_open
+
+    def index(directory: Path) -> dict[str, Path]:
+        return {name: f for f in sorted(directory.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
+
+    project, peft_out, base = index(work / "merged-project"), index(work / "merged-peft"), index(work / "base")
+    if set(project) != set(peft_out) or set(project) != set(base):
+        raise SystemExit(
+            f"tensor names differ: only in project {sorted(set(project) - set(peft_out))[:5]}, "
+            f"only in peft {sorted(set(peft_out) - set(project))[:5]}, vs base {sorted(set(base) ^ set(project))[:5]}"
+        )
+    max_diff, max_delta, changed = 0.0, 0.0, 0
+    for name in sorted(project):
+        with safe_open(project[name], "pt") as a, safe_open(peft_out[name], "pt") as b, safe_open(base[name], "pt") as c:
+            x, y, w = a.get_tensor(name), b.get_tensor(name), c.get_tensor(name)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise SystemExit(f"{name}: project {tuple(x.shape)} {x.dtype}, peft {tuple(y.shape)} {y.dtype}")
+        max_diff = max(max_diff, (x.float() - y.float()).abs().max().item())
+        delta = (x.float() - w.float()).abs().max().item()
+        max_delta = max(max_delta, delta)
+        changed += delta > 0
+    return {"tensors": len(project), "tensors_changed_vs_base": changed, "max_abs_diff_project_vs_peft": max_diff,
+            "max_abs_delta_vs_base": max_delta}  # fmt: skip
+
+
+def table(results: dict[str, dict]) -> str:
+    p, q = results["project"], results["peft"]
+    rows = [
+        ("peak RSS MB", p["peak_rss_mb"], q["peak_rss_mb"]),
+        ("  of which imports MB", p["import_rss_mb"], q["import_rss_mb"]),
+        ("  above imports MB", p["peak_rss_mb"] - p["import_rss_mb"], q["peak_rss_mb"] - q["import_rss_mb"]),
+        ("seconds", p["seconds"], q["seconds"]),
+    ]
+    lines = [f"{'':<22} {'project':>10} {'peft':>10} {'project/peft':>13}"]
+    for label, a, b in rows:
+        lines.append(f"{label:<22} {a:>10.1f} {b:>10.1f} {a / b if b else float('nan'):>13.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="fp16 size of the random base, in GB (1e9 bytes)")
+    parser.add_argument("--out", type=Path, help="keep everything here (default: a temporary directory)")
+    parser.add_argument("--shard-size", default="200MB", help="max shard size of the base and both outputs")
+    parser.add_argument("--worker", choices=["project", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        out = worker(args.worker, args.out / "base", args.out / "adapter", args.out / f"merged-{args.worker}",
+                     args.shard_size)  # fmt: skip
+        print(json.dumps(out))
+        return
+
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="merge-memory-")
+    work = args.out or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for name in ("base", "adapter"):
+            if (work / name).exists():
+                shutil.rmtree(work / name)
+        setup = subprocess.run(  # built in a child too, so this process stays small
+            [sys.executable, "-c", "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+             "from bench.merge_memory import build; print(json.dumps(build(Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4])))",
+             str(ROOT), str(work), str(args.size_gb), args.shard_size],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        if setup.returncode != 0:
+            raise SystemExit(f"building the base failed:\n{setup.stderr[-4000:]}")
+        model = json.loads(setup.stdout.strip().splitlines()[-1])
+        print(f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M params, "
+              f"{model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; adapter r={LORA_R} all-linear, "
+              f"{model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)")  # fmt: skip
+        if model["base_bytes"] < args.size_gb * 1e9:
+            raise SystemExit(f"base is {model['base_bytes']} bytes, below --size-gb {args.size_gb}")
+
+        results = {}
+        for method in ("project", "peft"):
+            results[method] = run_worker(method, work, args.shard_size)
+        check = compare_outputs(work)
+        print(f"outputs: {check['tensors']} tensors, same names and shapes; max |project - peft| "
+              f"{check['max_abs_diff_project_vs_peft']:.3g}; {check['tensors_changed_vs_base']} tensors changed by the "
+              f"merge (max |delta| {check['max_abs_delta_vs_base']:.3g})")  # fmt: skip
+        print()
+        print(table(results))
+        if check["max_abs_diff_project_vs_peft"] > 1e-2:
+            raise SystemExit("the two merges disagree: max |diff| > 1e-2")
+        if check["tensors_changed_vs_base"] == 0:
+            raise SystemExit("no tensor changed: the adapter deltas were not applied")
+        if args.out:
+            (work / "results.json").write_text(json.dumps({"model": model, "results": results, "check": check}, indent=2))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
