@@ -116,7 +116,8 @@ def main(cfg: DictConfig) -> None:
         for name in names:
             run_stage(name, cfg, run_dir)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
-        log.error("%s: %s", type(err).__name__, err)
+        log.error("%s: %s", type(err).__name__, err)  # into run_dir's log
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print_summary(run_dir)
 

@@ -20,21 +20,30 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 TURN_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 # Text of the BOS/EOS control tokens. `encode_dialog` encodes it as plain text, but the engines
 # parse special tokens in templated text, so the template refuses it instead of forging a turn.
-CONTROL_TOKEN_TEXT = ("<s>", "</s>")
+CONTROL_TOKEN_TEXT = ("<s>", "</s>", "<unk>")
 
 ROLES = ("system", "user", "assistant")
 
+# Python's str.strip() removes exactly these characters (Meta strips with it). Jinja's bare `trim`
+# is str.strip() in jinja2 but Rust's str::trim in minijinja (TGI), which keeps \x1c-\x1f; with
+# the set spelled out, `trim(chars)` strips the same characters in every engine.
+PY_WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+_STRIP = "trim('" + "".join(f"\\u{ord(c):04x}" for c in PY_WHITESPACE) + "')"
+_REFUSED_TEXT = ", ".join(f"'{tag}'" for tag in TURN_TAGS + CONTROL_TOKEN_TEXT)
+
 # One line per Jinja statement, every tag whitespace-trimmed: engines render it with different
 # whitespace settings (transformers and llama-cpp-python: trim_blocks + lstrip_blocks; TGI's
-# minijinja: neither), so the template must not depend on them. `trim` is Python's str.strip()
-# in jinja2 and minijinja alike, where `.strip()` needs minijinja's pycompat mode.
+# minijinja: neither), so the template must not depend on them.
 LLAMA2_CHAT_TEMPLATE = (
     "{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}\n"
     "{%- set system = ('<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n')"
     " if has_system else '' -%}\n"
     "{%- set dialog = messages[1:] if has_system else messages -%}\n"
+    "{%- if dialog | length == 0 -%}"
+    "{{- raise_exception('a dialog needs a user message after the optional system message') -}}"
+    "{%- endif -%}\n"
     "{%- for message in messages -%}\n"
-    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>', '<s>', '</s>'] -%}\n"
+    "{%- for tag in [" + _REFUSED_TEXT + "] -%}\n"
     "{%- if tag in message['content'] -%}"
     "{{- raise_exception('message text must not contain ' + tag) -}}"
     "{%- endif -%}\n"
@@ -45,10 +54,10 @@ LLAMA2_CHAT_TEMPLATE = (
     "{{- raise_exception('roles must alternate user/assistant after an optional system message') -}}"
     "{%- endif -%}\n"
     "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' + ((system if loop.first else '') + message['content']) | trim"
+    "{{- bos_token + '[INST] ' + ((system if loop.first else '') + message['content']) | " + _STRIP + ""
     " + ' [/INST]' -}}"
     "{%- else -%}"
-    "{{- ' ' + message['content'] | trim + ' ' + eos_token -}}"
+    "{{- ' ' + message['content'] | " + _STRIP + " + ' ' + eos_token -}}"
     "{%- endif -%}\n"
     "{%- endfor -%}"
 )

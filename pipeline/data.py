@@ -48,10 +48,10 @@ def parse_guanaco_text(text: str) -> list[dict[str, str]]:
 def row_to_messages(row: dict, system_prompt: str | None) -> list[dict[str, str]]:
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if isinstance(row.get("text"), str):
+    if isinstance(row.get("input"), str) and isinstance(row.get("output"), str):
+        text = row["input"] + " " + row["output"]  # the OpenAssistant eval file also has a prompt-only `text`
+    elif isinstance(row.get("text"), str):
         text = row["text"]
-    elif isinstance(row.get("input"), str) and isinstance(row.get("output"), str):
-        text = row["input"] + " " + row["output"]
     else:
         raise ValueError("missing field: expected 'text', or 'input' and 'output' (strings)")
     messages = parse_guanaco_text(text)
@@ -67,13 +67,13 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
         raise DataError(f"{path}: data file not found")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     yield f"{path}:{number}", err  # reported (or skipped) like any bad row
                     continue
                 yield f"{path}:{number}", row
@@ -109,7 +109,7 @@ def load_dialogs(cfg) -> tuple[list[list[dict]], dict]:
     for location, row in source:
         try:
             if isinstance(row, Exception):
-                raise ValueError(f"malformed JSON: {row}")
+                raise ValueError(f"malformed JSON line: {row}")
             dialogs.append(row_to_messages(row, cfg.system_prompt))
         except (ValueError, DialogError) as err:
             if cfg.on_bad_row == "error":

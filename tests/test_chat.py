@@ -358,12 +358,6 @@ def test_engines_refuse_control_token_text(messages, engine):
         engine.chat_ids(messages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE refuses only <s>/</s> (CONTROL_TOKEN_TEXT), not <unk>: "
-    "all three engines parse '<unk>' typed in a message into control token id 0, Meta encodes it as text",
-)
 def test_engines_refuse_or_keep_unk_text(engine, sp):
     messages = [user("What does <unk> mean in a tokenizer?")]
     expected = meta_reference_ids(sp, messages)
@@ -450,12 +444,6 @@ def test_engines_refuse_non_alternating_roles(messages, engine):
         engine.chat_ids(messages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE"
-    reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE renders a system-only dialog as '' (engines return [] "
-    "ids) instead of refusing it; encode_dialog raises DialogError and Meta cannot encode it either",
-)
 def test_engines_refuse_system_only_dialog(engine):
     with pytest.raises(TemplateRefused):
         engine.chat_ids([system("You are helpful.")])
@@ -471,16 +459,7 @@ def test_engines_refuse_system_only_dialog(engine):
     [
         "encode_dialog",
         "transformers",
-        pytest.param(
-            "tgi",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG pipeline/chat.py LLAMA2_CHAT_TEMPLATE: minijinja's `trim` (Rust str::trim, "
-                "Unicode White_Space) keeps U+001C..U+001F, which Python's str.strip() (Meta, jinja2) "
-                "removes",
-            ),
-        ),
+        "tgi",
         "llama.cpp",
     ],
 )

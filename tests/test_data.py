@@ -226,11 +226,6 @@ def test_json_bad_row_is_named_by_index(tmp_path):
     assert_nothing_written(run_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/data.py row_to_messages prefers `text`, which in oa_questions.jsonl is the prompt only "
-    "('... ### Assistant:'), over `input`+`output`: line 1 fails with 'an empty turn'",
-)
 def test_real_oa_questions_file_loads_in_place(tmp_path):
     path = need(GUANACO_QUESTIONS).resolve()  # read in place, never copied
     result = run_data(tmp_path, f"data.path={path}", check=False)
@@ -315,11 +310,6 @@ def test_bad_file_fails_naming_it_even_with_skip(case, tmp_path):
         assert_nothing_written(run_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the data stage's error is logged through Hydra's default console handler, which writes to "
-    "stdout: on exit 1, stderr is empty",
-)
 def test_data_error_is_reported_on_stderr(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [guanaco_row(1), {"text": "### Human: no answer"}])
     result = run_data(tmp_path / "run", f"data.path={path}", check=False)
@@ -327,11 +317,6 @@ def test_data_error_is_reported_on_stderr(tmp_path):
     assert f"{path}:2:" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/data.py read_rows decodes lines outside its per-line try: a non-UTF-8 line raises "
-    "UnicodeDecodeError, reported without file or line and never skipped by on_bad_row=skip",
-)
 def test_undecodable_line_is_a_bad_row(tmp_path):
     path = tmp_path / "latin1.jsonl"
     latin1 = '{"text": "### Human: caf\xe9 ### Assistant: b"}\n'.encode("latin-1")
