@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,11 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
     from pipeline.manifest import Manifest
 
     spec = STAGES[name]
+    # Under `accelerate launch` every rank runs this; only training is distributed, and only the
+    # main rank (RANK 0) runs the other stages and writes the manifest.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main and name != "train":
+        return
     stage_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
     manifest = Manifest(run_dir)
     if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
@@ -90,6 +96,8 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
         return
     log.info("stage %s: running", name)
     metrics = importlib.import_module(spec.module).run(cfg, run_dir)
+    if not is_main:
+        return
     manifest = Manifest(run_dir)  # the stage may have been long; re-read before writing
     manifest.record(
         name,

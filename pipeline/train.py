@@ -107,22 +107,25 @@ def run(cfg, run_dir: Path) -> dict:
     from pipeline.evaluate import answer_accuracy
     from pipeline.tokenizer import build_tokenizer, save_tokenizer
 
-    data_dir = run_dir / "data"
-    if not (data_dir / "train.jsonl").is_file():
-        raise FileNotFoundError(f"{data_dir / 'train.jsonl'} not found: run stage=data first")
-    train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
+    from accelerate import PartialState
 
-    base, sp_model = prepare_base(cfg, run_dir, train_rows)
+    state = PartialState()  # one process, or one per GPU/CPU rank under `accelerate launch`
+    checkpoint_dir = run_dir / "checkpoints"
+    # The main process builds the tiny base and clears stale checkpoints; the others wait, then read.
+    with state.main_process_first():
+        data_dir = run_dir / "data"
+        if not (data_dir / "train.jsonl").is_file():
+            raise FileNotFoundError(f"{data_dir / 'train.jsonl'} not found: run stage=data first")
+        train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
+        base, sp_model = prepare_base(cfg, run_dir, train_rows)
+        resume_from = last_checkpoint(checkpoint_dir) if cfg.train.resume == "auto" else None
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        elif checkpoint_dir.exists() and state.is_main_process:
+            shutil.rmtree(checkpoint_dir)  # a fresh start must not mix with an older run's checkpoints
     tokenizer = build_tokenizer(sp_model)
     examples, encode_stats = encode_rows(train_rows, tokenizer, cfg.train.max_length)
     log.info("encoded %d training examples: %s", len(examples), encode_stats)
-
-    checkpoint_dir = run_dir / "checkpoints"
-    resume_from = last_checkpoint(checkpoint_dir) if cfg.train.resume == "auto" else None
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    elif checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)  # a fresh start must not mix with an older run's checkpoints
 
     model = load_quantized_base(base, cfg)
 
@@ -142,6 +145,8 @@ def run(cfg, run_dir: Path) -> dict:
         callbacks=[throughput],
     )
     trainer.train(resume_from_checkpoint=resume_from)
+    if not state.is_main_process:
+        return {}  # the main process evaluates and writes the adapter, once
 
     # Evaluated only after training: bitsandbytes repacks 4-bit weights for its CPU inference
     # kernel on the first no-grad forward pass, and that kernel has no backward.
