@@ -89,6 +89,10 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main and name != "train":
         return
+    if name == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.train import process_state
+
+        process_state().wait_for_everyone()  # rank 0 may still be writing the data stage's output
     stage_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
     manifest = Manifest(run_dir)
     if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):

@@ -123,7 +123,7 @@ class ExportConfig:
 class TGISmokeConfig:
     url: Optional[str] = None  # a running TGI serving run_dir/merged
     launch: Optional[str] = None  # "docker": start the pinned TGI image with run_dir/merged mounted
-    image: str = "ghcr.io/huggingface/text-generation-inference:3.3.6"
+    image: str = "ghcr.io/huggingface/text-generation-inference:3.3.5"
     startup_timeout: float = 600.0
 
 

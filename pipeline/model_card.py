@@ -36,7 +36,7 @@ Self-check: {check}
 ## Serve
 TGI (reads `chat_template` from `tokenizer_config.json`; the template emits BOS itself):
 ```
-docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-inference:3.3.6 --model-id /model
+docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-inference:3.3.5 --model-id /model
 ```
 llama.cpp: convert with `python -m pipeline stage=convert` (or llama.cpp's `convert_hf_to_gguf.py`); the GGUF
 carries the same template, and `python -m llama_cpp.server --model model.gguf` uses it for `/v1/chat/completions`.

@@ -77,6 +77,17 @@ def prepare_base(cfg, run_dir: Path, train_rows: list[dict]) -> tuple[str, Path]
     return str(base_dir.resolve()), base_dir / "tokenizer.model"
 
 
+def process_state():
+    """This process's place in the run: one process, or one rank under `accelerate launch`."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Without cpu=True, a CPU-only machine is DistributedType.NO and every rank would believe it
+    # is the main process. Must be the first PartialState of the process.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def load_quantized_base(base: str, cfg):
     import torch
     from accelerate import PartialState
@@ -107,9 +118,7 @@ def run(cfg, run_dir: Path) -> dict:
     from pipeline.evaluate import answer_accuracy
     from pipeline.tokenizer import build_tokenizer, save_tokenizer
 
-    from accelerate import PartialState
-
-    state = PartialState()  # one process, or one per GPU/CPU rank under `accelerate launch`
+    state = process_state()
     checkpoint_dir = run_dir / "checkpoints"
     # The main process builds the tiny base and clears stale checkpoints; the others wait, then read.
     with state.main_process_first():
