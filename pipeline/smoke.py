@@ -12,11 +12,13 @@ Writes `run_dir/smoke/report.json` and prints a table; exits non-zero when a che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -230,14 +232,36 @@ def chat_answers(base_url: str, questions, max_tokens: int, stream: bool) -> lis
     return answers
 
 
-def llamacpp_server(gguf: Path, questions, cfg, min_accuracy) -> dict:
+@contextlib.contextmanager
+def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
+    """llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port, always shut down after.
+
+    No --chat_format: the server then renders the GGUF's own `tokenizer.chat_template`."""
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(cfg.smoke.n_ctx), "--seed", "0"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--port", str(port), "--n_ctx", str(n_ctx), "--seed", "0"]  # fmt: skip
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{base_url}/v1/models", process, timeout=120)
+        try:
+            wait_until_up(f"{base_url}/v1/models", process, timeout=120)
+        except (RuntimeError, TimeoutError) as err:
+            raise RuntimeError(f"{err}; server log:\n{log_path.read_text(errors='replace')[-2000:]}") from err
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def llamacpp_server(gguf: Path, questions, cfg, min_accuracy, log_path: Path | None = None) -> dict:
+    log_path = log_path or Path(tempfile.mkdtemp(prefix="llamacpp-server-")) / "server.log"
+    with serve_gguf(gguf, cfg.smoke.n_ctx, log_path) as base_url:
         return {
             "gguf": gguf.name,
             "url": base_url,
@@ -246,13 +270,6 @@ def llamacpp_server(gguf: Path, questions, cfg, min_accuracy) -> dict:
             "streaming": _summarise(chat_answers(base_url, questions, cfg.smoke.max_tokens, True),
                                     min_accuracy, cfg.smoke.min_eos_stop),  # fmt: skip
         }
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- TGI, live where it can run ----------------------------------------------------------------
@@ -398,7 +415,8 @@ def run(cfg, run_dir: Path) -> dict:
         )
     server_gguf = next((g for g in ggufs if g.stem.endswith(cfg.smoke.server_quant)), ggufs[-1])
     section["server"] = llamacpp_server(server_gguf, questions[: cfg.smoke.server_rows], cfg,
-                                        cfg.smoke.min_accuracy.get(server_gguf.stem.rsplit("-", 1)[-1]))  # fmt: skip
+                                        cfg.smoke.min_accuracy.get(server_gguf.stem.rsplit("-", 1)[-1]),
+                                        run_dir / "smoke" / "llamacpp-server.log")  # fmt: skip
     statuses = [p["status"] for p in section["parity"].values()]
     statuses += [r["status"] for r in section["in_process"].values()]
     statuses += [section["server"][mode]["status"] for mode in ("non_streaming", "streaming")]
