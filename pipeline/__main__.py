@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,9 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # SIGTERM (kill, timeout, CI cancellation) unwinds like Ctrl-C, so `finally` blocks stop the
+    # servers a stage started and temporary artifacts are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_dir = Path(cfg.run_dir)
     names = list(STAGES) if cfg.stage == "all" else [cfg.stage.value]
     unknown = [n for n in names if n not in STAGES]
