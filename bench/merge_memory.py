@@ -114,8 +114,9 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
         _, deltas = project_merge.load_adapter(adapter_dir)
         base_files = sorted(base_dir.glob("*.safetensors"))
         out_dir.mkdir(parents=True)
-        stats = project_merge.merge_weights(base_files, deltas, out_dir, torch.float16,
-                                            project_merge.parse_size(shard_size), roundtrip=set(), quantization={})  # fmt: skip
+        max_bytes = project_merge.parse_size(shard_size)
+        stats = project_merge.merge_weights(base_files, deltas, out_dir, torch.float16, max_bytes,
+                                            roundtrip=set(), quantization={})  # fmt: skip
     elif method == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -128,15 +129,17 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
     else:
         raise SystemExit(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
-    return {"method": method, "seconds": seconds, "peak_rss_mb": rss_mb(), "import_rss_mb": import_rss, **stats}
+    return {"method": method, "seconds": seconds, "peak_rss_mb": rss_mb(), "import_rss_mb": import_rss,
+            **stats}  # fmt: skip
 
 
-def run_worker(method: str, work: Path, shard_size: str) -> dict:
+def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict:
+    """This script with `--worker <method>` in a fresh Python process; its last stdout line is JSON."""
     out_dir = work / f"merged-{method}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(work),
-               "--shard-size", shard_size]  # fmt: skip
+               "--shard-size", shard_size, "--size-gb", str(size_gb)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{method} worker failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -151,27 +154,37 @@ def compare_outputs(work: Path) -> dict:
     import torch
     from safetensors import safe_open
 
+    from pipeline.merge import load_adapter
+
     def index(directory: Path) -> dict[str, Path]:
         return {name: f for f in sorted(directory.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
+
+    def tensor(files: dict[str, Path], name: str) -> torch.Tensor:
+        with safe_open(files[name], "pt") as f:
+            return f.get_tensor(name)
 
     project, peft_out, base = index(work / "merged-project"), index(work / "merged-peft"), index(work / "base")
     if set(project) != set(peft_out) or set(project) != set(base):
         raise SystemExit(
-            f"tensor names differ: only in project {sorted(set(project) - set(peft_out))[:5]}, "
-            f"only in peft {sorted(set(peft_out) - set(project))[:5]}, vs base {sorted(set(base) ^ set(project))[:5]}"
+            f"tensor names differ: only in project {sorted(set(project) - set(peft_out))[:5]}, only in peft "
+            f"{sorted(set(peft_out) - set(project))[:5]}, base vs project {sorted(set(base) ^ set(project))[:5]}"
         )
-    max_diff, max_delta, changed = 0.0, 0.0, 0
+    max_diff, differing, max_delta, changed, changed_peft, adapted = 0.0, 0, 0.0, 0, 0, 0
+    _, deltas = load_adapter(work / "adapter")
     for name in sorted(project):
-        with safe_open(project[name], "pt") as a, safe_open(peft_out[name], "pt") as b, safe_open(base[name], "pt") as c:
-            x, y, w = a.get_tensor(name), b.get_tensor(name), c.get_tensor(name)
+        x, y, w = tensor(project, name), tensor(peft_out, name), tensor(base, name)
         if x.shape != y.shape or x.dtype != y.dtype:
             raise SystemExit(f"{name}: project {tuple(x.shape)} {x.dtype}, peft {tuple(y.shape)} {y.dtype}")
-        max_diff = max(max_diff, (x.float() - y.float()).abs().max().item())
+        diff = (x.float() - y.float()).abs()
+        max_diff, differing = max(max_diff, diff.max().item()), differing + int((diff > 0).sum())
         delta = (x.float() - w.float()).abs().max().item()
         max_delta = max(max_delta, delta)
         changed += delta > 0
-    return {"tensors": len(project), "tensors_changed_vs_base": changed, "max_abs_diff_project_vs_peft": max_diff,
-            "max_abs_delta_vs_base": max_delta}  # fmt: skip
+        changed_peft += not torch.equal(y, w)
+        adapted += name in deltas
+    return {"tensors": len(project), "adapted_tensors": adapted, "tensors_changed_vs_base": changed,
+            "tensors_changed_vs_base_peft": changed_peft, "max_abs_diff_project_vs_peft": max_diff,
+            "elements_differing_project_vs_peft": differing, "max_abs_delta_vs_base": max_delta}  # fmt: skip
 
 
 def table(results: dict[str, dict]) -> str:
@@ -190,16 +203,18 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.0, help="fp16 size of the random base, in GB (1e9 bytes)")
+    parser.add_argument("--size-gb", type=float, default=1.0, help="fp16 size of the random base, GB (1e9 B)")
     parser.add_argument("--out", type=Path, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--shard-size", default="200MB", help="max shard size of the base and both outputs")
-    parser.add_argument("--worker", choices=["project", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["build", "project", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.worker == "build":
+        print(json.dumps(build(args.out, args.size_gb, args.shard_size)))
+        return
     if args.worker:
-        out = worker(args.worker, args.out / "base", args.out / "adapter", args.out / f"merged-{args.worker}",
-                     args.shard_size)  # fmt: skip
-        print(json.dumps(out))
+        out_dir = args.out / f"merged-{args.worker}"
+        print(json.dumps(worker(args.worker, args.out / "base", args.out / "adapter", out_dir, args.shard_size)))
         return
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="merge-memory-")
@@ -209,36 +224,32 @@ def main() -> None:
         for name in ("base", "adapter"):
             if (work / name).exists():
                 shutil.rmtree(work / name)
-        setup = subprocess.run(  # built in a child too, so this process stays small
-            [sys.executable, "-c", "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-             "from bench.merge_memory import build; print(json.dumps(build(Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4])))",
-             str(ROOT), str(work), str(args.size_gb), args.shard_size],
-            capture_output=True, text=True, cwd=ROOT,
-        )  # fmt: skip
-        if setup.returncode != 0:
-            raise SystemExit(f"building the base failed:\n{setup.stderr[-4000:]}")
-        model = json.loads(setup.stdout.strip().splitlines()[-1])
-        print(f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M params, "
-              f"{model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; adapter r={LORA_R} all-linear, "
-              f"{model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)")  # fmt: skip
+        model = run_worker("build", work, args.shard_size, args.size_gb)  # a child too: this process stays small
+        print(f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M "
+              f"params, {model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; adapter r={LORA_R} "
+              f"all-linear, {model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)")  # fmt: skip
         if model["base_bytes"] < args.size_gb * 1e9:
             raise SystemExit(f"base is {model['base_bytes']} bytes, below --size-gb {args.size_gb}")
 
         results = {}
         for method in ("project", "peft"):
-            results[method] = run_worker(method, work, args.shard_size)
+            results[method] = run_worker(method, work, args.shard_size, args.size_gb)
         check = compare_outputs(work)
         print(f"outputs: {check['tensors']} tensors, same names and shapes; max |project - peft| "
-              f"{check['max_abs_diff_project_vs_peft']:.3g}; {check['tensors_changed_vs_base']} tensors changed by the "
-              f"merge (max |delta| {check['max_abs_delta_vs_base']:.3g})")  # fmt: skip
+              f"{check['max_abs_diff_project_vs_peft']:.3g} ({check['elements_differing_project_vs_peft']} "
+              f"elements differ); tensors changed vs the base: project {check['tensors_changed_vs_base']}, peft "
+              f"{check['tensors_changed_vs_base_peft']}, of {check['adapted_tensors']} adapted "
+              f"(max |delta| {check['max_abs_delta_vs_base']:.3g})")  # fmt: skip
         print()
         print(table(results))
         if check["max_abs_diff_project_vs_peft"] > 1e-2:
             raise SystemExit("the two merges disagree: max |diff| > 1e-2")
-        if check["tensors_changed_vs_base"] == 0:
-            raise SystemExit("no tensor changed: the adapter deltas were not applied")
+        adapted = check["adapted_tensors"]
+        if not check["tensors_changed_vs_base"] == check["tensors_changed_vs_base_peft"] == adapted > 0:
+            raise SystemExit("the adapted tensors and the tensors the merges changed differ")
         if args.out:
-            (work / "results.json").write_text(json.dumps({"model": model, "results": results, "check": check}, indent=2))
+            report = {"model": model, "results": results, "check": check}
+            (work / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
         if tmp is not None:
             tmp.cleanup()

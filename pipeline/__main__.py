@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.config import register
 from pipeline.convert import OUTTYPES
@@ -28,10 +28,14 @@ log = logging.getLogger("pipeline")
 @dataclass(frozen=True)
 class StageSpec:
     module: str  # has run(cfg, run_dir) -> metrics
-    config_keys: tuple[str, ...]  # the config groups that shape its outputs
+    config_keys: tuple[str, ...]  # the config keys (groups or dotted keys) that shape its outputs
     inputs: Callable[[DictConfig, Path], list[Path]]
     outputs: Callable[[DictConfig, Path], list[Path]]
     always_run: bool = False
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
 
 
 def _gguf(cfg, run_dir, type_name):
@@ -65,7 +69,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "convert": StageSpec(
         "pipeline.convert",
-        ("export",),
+        ("export.name", "export.outtype", "export.ladder_rows", "export.min_top1_agreement"),
         lambda cfg, d: [d / "merged"],
         lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
     ),
@@ -94,7 +98,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
         from pipeline.train import process_state
 
         process_state().wait_for_everyone()  # rank 0 may still be writing the data stage's output
-    stage_config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in spec.config_keys}
+    stage_config = {key: _plain(OmegaConf.select(cfg, key)) for key in spec.config_keys}
     manifest = Manifest(run_dir)
     if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
         log.info("stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name)

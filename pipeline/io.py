@@ -43,6 +43,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is renamed to `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     tmp = tmp_name(final)
     try:
         yield tmp

@@ -88,9 +88,11 @@ class Manifest:
     def record(self, stage: str, outputs: list[Path], inputs: list[Path], stage_config, full_config,
                metrics: dict | None = None) -> None:  # fmt: skip
         outputs_hashes = self.hashes(outputs)
-        stale = [rel for rel, a in self.data["artifacts"].items() if a["stage"] == stage]
-        for rel in stale:  # a rerun replaces what the stage made before
-            del self.data["artifacts"][rel]
+        earlier = [rel for rel, a in self.data["artifacts"].items() if a["stage"] == stage and rel not in outputs_hashes]
+        for rel in earlier:  # what an earlier run of the stage made stays listed while it is still on disk, unchanged
+            path = self.run_dir / rel
+            if not path.is_file() or sha256_file(path) != self.data["artifacts"][rel]["sha256"]:
+                del self.data["artifacts"][rel]
         for rel, digest in outputs_hashes.items():
             self.data["artifacts"][rel] = {
                 "sha256": digest,

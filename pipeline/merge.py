@@ -87,6 +87,21 @@ def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, lis
     return base_dir, files
 
 
+def check_adapter_fits(deltas: dict, base_files: list[Path]) -> None:
+    """Fail early, with the tensor named, when the adapter was made for another base."""
+    shapes = {}
+    for path in base_files:
+        with safe_open(path, "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    for name, (lora_a, lora_b, _) in deltas.items():
+        delta_shape = (lora_b.shape[0], lora_a.shape[1])
+        if name not in shapes:
+            raise MergeError(f"adapter made for another base: it adapts {name}, which the base does not have")
+        if shapes[name] != delta_shape:
+            raise MergeError(f"adapter made for another base: {name} has shape {shapes[name]} in the base, "
+                             f"the adapter's delta is {delta_shape}")  # fmt: skip
+
+
 def quantized_linear_names(base_dir: Path) -> set[str]:
     """Weights that bitsandbytes quantized in training: every nn.Linear but the output head."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -120,6 +135,7 @@ class ShardWriter:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
+        self.tensor_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -127,6 +143,7 @@ class ShardWriter:
             self.flush()
         self.pending[name] = tensor.contiguous()
         self.pending_bytes += size
+        self.tensor_bytes += size
 
     def flush(self) -> None:
         save_file(self.pending, self.out_dir / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
@@ -143,8 +160,7 @@ class ShardWriter:
             (self.out_dir / name).chmod(0o644)  # safetensors writes 0600; servers run as other users
         if n > 1:
             weight_map = {t: names[i] for i, tensors in enumerate(self.shards) for t in tensors}
-            total = sum((self.out_dir / name).stat().st_size for name in names)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return [self.out_dir / name for name in names]
 
@@ -226,6 +242,7 @@ def run(cfg, run_dir: Path) -> dict:
     adapter_config, deltas = load_adapter(adapter_dir)
     base = adapter_config["base_model_name_or_path"]
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
+    check_adapter_fits(deltas, base_files)
     dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value
     quantization = OmegaConf.to_container(cfg.train.quantization)
     tokenizer = load_tokenizer(adapter_dir)

@@ -30,6 +30,9 @@ def quantize_gguf(source: Path, outfile: Path, type_name: str, check=None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = types[type_name]
     params.nthread = os.cpu_count() or 1
+    # From an already quantized source (export.outtype=q8_0) llama.cpp requantizes only when told;
+    # it costs fidelity, which the ladder then shows.
+    params.allow_requantize = not source.stem.endswith(("-F16", "-BF16", "-F32"))
     with atomic_file(outfile) as tmp:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
         if status != 0 or not tmp.is_file():
@@ -53,6 +56,9 @@ def run(cfg, run_dir: Path) -> dict:
     metrics = {"source": source.name, "files": {}, "ladder": {}}
     for type_name in cfg.export.quants:
         outfile = gguf_path(cfg, run_dir, type_name)
+        if outfile == source:  # export.outtype=q8_0: the converter already wrote this one
+            metrics["files"][type_name] = outfile.name
+            continue
         quantize_gguf(source, outfile, type_name,
                       check=lambda tmp: check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id))  # fmt: skip
         log.info("wrote %s (%.1f MB)", outfile, outfile.stat().st_size / 1e6)

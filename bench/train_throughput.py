@@ -1,0 +1,230 @@
+"""Train tokens/s of the project's train stage against a plain trl SFTTrainer script.
+
+    python bench/train_throughput.py [--steps N] [--work DIR]
+
+In one run, on the same tiny model and data (the `experiment=tiny` data stage and tiny base, built
+once into a work dir and copied into every run dir), it measures:
+
+- the project: `python -m pipeline stage=train experiment=tiny train.sft.max_steps=N`, and its
+  `train.sft.packing=true` and `train.sft.padding_free=true` variants; figures from
+  metrics/train.json (`train_tokens_per_s`);
+- a plain trl baseline: SFTTrainer with SFTConfig defaults except output_dir, max_steps=N,
+  report_to=none, the project's per-device batch size and no packing (plus bf16=False, which a CPU
+  needs: SFTConfig's bf16 default raises "Your setup doesn't support bf16/gpu" without a GPU). The
+  data is given as a `messages` dataset with the tokenizer's chat template, and trl tokenizes it
+  itself. Same 4-bit NF4 base (the project's BitsAndBytesConfig) and the same LoRA config;
+- the same baseline with gradient_checkpointing=False (SFTConfig's default is True, the tiny
+  experiment's is False), to show how much of the gap that one setting makes.
+
+Tokens are counted the same way everywhere: include_num_input_tokens_seen="non_padding", tokens
+seen between on_train_begin and on_train_end divided by that time (pipeline.train.ThroughputCallback).
+Every run is its own process, one after the other. No generation or eval runs before training in
+the baseline (on CPU, bitsandbytes repacks 4-bit weights for an inference kernel on the first
+no-grad forward, after which backward is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+PROJECT_VARIANTS = {
+    "project": [],
+    "project packing": ["train.sft.packing=true"],
+    "project padding_free": ["train.sft.padding_free=true"],
+}
+
+
+def compose_tiny(run_dir: Path):
+    """The resolved `experiment=tiny` config, composed exactly as the CLI composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["experiment=tiny", f"run_dir={run_dir}"])
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def build_source(work: Path) -> Path:
+    """Data stage via the CLI, then the tiny base via pipeline.tiny, into work/source."""
+    from pipeline.data import read_jsonl
+    from pipeline.tiny import build_tiny_base
+
+    source = work / "source"
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage=data", "experiment=tiny", f"run_dir={source}"],
+        cwd=ROOT, env=ENV, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    cfg = compose_tiny(source)
+    rows = read_jsonl(source / "data" / "train.jsonl")
+    build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, rows, source / "base")
+    return source
+
+
+def fresh_run_dir(source: Path, run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for name in ("data", "base"):
+        shutil.copytree(source / name, run_dir / name)
+    return run_dir
+
+
+def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+    fresh_run_dir(source, run_dir)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}",
+         f"train.sft.max_steps={steps}", "train.eval_max_rows=1", *overrides],
+        cwd=ROOT, env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}", "wall_s": wall}
+    metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
+    return {
+        "tokens_per_s": metrics["train_tokens_per_s"],
+        "tokens": metrics["train_tokens"],
+        "train_s": metrics["train_seconds"],
+        "steps": metrics["steps"],
+        "wall_s": wall,
+    }
+
+
+def run_baseline(source: Path, run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> dict:
+    fresh_run_dir(source, run_dir)
+    cmd = [sys.executable, __file__, "--baseline", str(run_dir), "--steps", str(steps)]
+    if gradient_checkpointing is not None:
+        cmd += ["--gradient-checkpointing", str(gradient_checkpointing).lower()]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}", "wall_s": wall}
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**figures, "wall_s": wall}
+
+
+def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> None:
+    """The plain trl script (runs in its own process)."""
+    import datasets
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.data import read_jsonl
+    from pipeline.train import ThroughputCallback
+
+    cfg = compose_tiny(run_dir)
+    base = str(run_dir / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)  # carries the Llama-2 chat template
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization)),
+        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
+        device_map={"": "cpu"},
+    )
+    rows = read_jsonl(run_dir / "data" / "train.jsonl")
+    dataset = datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows])
+    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=steps,
+        report_to="none",
+        per_device_train_batch_size=cfg.train.sft.per_device_train_batch_size,
+        packing=False,
+        include_num_input_tokens_seen="non_padding",
+        bf16=False,  # SFTConfig's default (True) raises on a machine without a GPU
+        **extra,
+    )
+    throughput = ThroughputCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**OmegaConf.to_container(cfg.train.lora)),
+        callbacks=[throughput],
+    )
+    trainer.train()
+    print(json.dumps({
+        "tokens_per_s": throughput.figures["train_tokens_per_s"],
+        "tokens": throughput.figures["train_tokens"],
+        "train_s": throughput.figures["train_seconds"],
+        "steps": trainer.state.global_step,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    parser.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed afterwards)")
+    parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the trl script
+    parser.add_argument("--gradient-checkpointing", choices=["true", "false"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.baseline:
+        gc = None if args.gradient_checkpointing is None else args.gradient_checkpointing == "true"
+        baseline_main(args.baseline, args.steps, gc)
+        return
+
+    batch = compose_tiny(Path("unused")).train.sft.per_device_train_batch_size
+    work = args.work or Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"building tiny data and base in {work} ...", file=sys.stderr)
+        source = build_source(work)
+        results = {}
+        for i, (name, overrides) in enumerate(PROJECT_VARIANTS.items()):
+            print(f"{name} ({args.steps} steps) ...", file=sys.stderr)
+            results[name] = run_project(source, work / f"project-{i}", args.steps, overrides)
+        print(f"trl baseline ({args.steps} steps) ...", file=sys.stderr)
+        results["trl SFTTrainer defaults"] = run_baseline(source, work / "trl", args.steps, None)
+        print(f"trl baseline, gradient_checkpointing=False ({args.steps} steps) ...", file=sys.stderr)
+        results["trl defaults, no grad ckpt"] = run_baseline(source, work / "trl-nogc", args.steps, False)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    baseline = results["trl SFTTrainer defaults"].get("tokens_per_s")
+    print(f"\nTrain throughput, tiny model (experiment=tiny), {args.steps} steps, "
+          f"batch {batch}, {os.cpu_count()} CPUs")  # fmt: skip
+    header = f"{'run':<30} {'tokens/s':>10} {'tokens':>8} {'train s':>8} {'wall s':>7} {'vs trl':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<30} {'failed':>10}   {r['error']}")
+            continue
+        ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
+        figures = f"{r['tokens_per_s']:>10.1f} {r['tokens']:>8d} {r['train_s']:>8.1f} {r['wall_s']:>7.1f}"
+        print(f"{name:<30} {figures} {ratio:>7}")
+    print("\nvs trl: tokens/s over the plain trl SFTTrainer baseline (SFTConfig defaults).")
+    trl = results["trl SFTTrainer defaults"]
+    if "error" not in trl:
+        print(f"trl baseline settings: gradient_checkpointing={trl['gradient_checkpointing']}, "
+              f"optim={trl['optim']}, loss on all tokens, bf16=False (CPU)")  # fmt: skip
+    print(json.dumps(results), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
