@@ -413,23 +413,10 @@ def test_accuracy_is_not_judged_without_expected_answers():
 
 @pytest.fixture
 def llama_server(tiny_run, tmp_path_factory):
-    """llama-cpp-python's OpenAI server on the tiny Q4_K_M GGUF, started and stopped here."""
-    port = smoke.free_port()
+    """llama-cpp-python's OpenAI server on the tiny Q4_K_M GGUF, as the stage starts it."""
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_of(tiny_run, "Q4_K_M")),
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256", "--seed", "0"]  # fmt: skip
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        smoke.wait_until_up(f"http://127.0.0.1:{port}/v1/models", process, timeout=120)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with smoke.serve_gguf(gguf_of(tiny_run, "Q4_K_M"), 256, log_path) as base_url:
+        yield base_url
 
 
 @pytest.mark.slow
