@@ -105,9 +105,13 @@ def load_quantized_base(base: str, cfg):
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    """The newest complete checkpoint: a kill during a save leaves one without trainer_state.json."""
+    complete = [
+        (int(path.name.split("-")[-1]), path)
+        for path in checkpoint_dir.glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return str(max(complete)[1]) if complete else None
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -138,11 +142,14 @@ def run(cfg, run_dir: Path) -> dict:
 
     model = load_quantized_base(base, cfg)
 
+    sft = OmegaConf.to_container(cfg.train.sft)
     sft_config = SFTConfig(
         output_dir=str(checkpoint_dir),
-        max_length=cfg.train.max_length,
+        # Rows are already cut to train.max_length by encode_rows; trl refuses a max_length it would
+        # not enforce (padding-free batches without packing).
+        max_length=None if sft.get("padding_free") and not sft.get("packing") else cfg.train.max_length,
         include_num_input_tokens_seen="non_padding",
-        **OmegaConf.to_container(cfg.train.sft),
+        **sft,
     )
     throughput = ThroughputCallback()
     trainer = SFTTrainer(

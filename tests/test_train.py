@@ -412,12 +412,6 @@ def test_resume_never_starts_fresh(killed_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/train.py last_checkpoint() takes the highest-numbered checkpoint-* dir even when it has "
-    "no trainer_state.json (a kill during a checkpoint save); Trainer.train then raises FileNotFoundError "
-    "and resume=auto cannot continue from the complete checkpoint before it",
-)
 def test_resume_auto_skips_an_incomplete_checkpoint(killed_run, tmp_path):
     run_dir = copy_run(killed_run[0], tmp_path / "run")
     last = killed_run[1]
@@ -479,11 +473,5 @@ def test_packing_trains(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/train.py always passes SFTConfig(max_length=cfg.train.max_length); trl refuses "
-    "padding_free=True without packing when max_length is set (ValueError 'When `padding_free=True` "
-    "without packing, `max_length` is not enforced'), although encode_rows has already truncated the rows",
-)
 def test_padding_free_trains(tmp_path, monkeypatch):
     short_train(tmp_path / "run", monkeypatch, "train.sft.padding_free=true")
