@@ -1,6 +1,6 @@
 """Train tokens/s of the project's train stage against a plain trl SFTTrainer script.
 
-    python bench/train_throughput.py [--steps N] [--work DIR]
+    python bench/train_throughput.py [--steps N] [--repeats R] [--work DIR]
 
 In one run, on the same tiny model and data (the `experiment=tiny` data stage and tiny base, built
 once into a work dir and copied into every run dir), it measures:
@@ -18,9 +18,12 @@ once into a work dir and copied into every run dir), it measures:
 
 Tokens are counted the same way everywhere: include_num_input_tokens_seen="non_padding", tokens
 seen between on_train_begin and on_train_end divided by that time (pipeline.train.ThroughputCallback).
-Every run is its own process, one after the other. No generation or eval runs before training in
-the baseline (on CPU, bitsandbytes repacks 4-bit weights for an inference kernel on the first
-no-grad forward, after which backward is wrong).
+Every run is its own process, one after the other, in R interleaved rounds (default 2); the table
+gives each run's best round, every round's figure and how many cores other processes kept busy
+meanwhile: on a shared 2-core machine their work slows a run by up to an order of magnitude. Before
+each run it waits (up to --settle s) for the CPUs to be free. No generation or
+eval runs before training in the baseline (on CPU, bitsandbytes repacks 4-bit weights for an
+inference kernel on the first no-grad forward, after which backward is wrong).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+BASELINE = "trl SFTTrainer defaults"
 PROJECT_VARIANTS = {
     "project": [],
     "project packing": ["train.sft.packing=true"],
@@ -85,24 +90,55 @@ def fresh_run_dir(source: Path, run_dir: Path) -> Path:
     return run_dir
 
 
+def busy_seconds() -> float:
+    """CPU-seconds the whole machine has spent not idle."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def settle(max_wait: float, busy_percent: float = 20.0) -> float:
+    """Wait (at most `max_wait` s) until other processes use < `busy_percent` of the CPUs; returns it."""
+    import psutil
+
+    deadline = time.monotonic() + max_wait
+    while True:
+        used = psutil.cpu_percent(interval=2.0)
+        if used < busy_percent or time.monotonic() > deadline:
+            return used
+        time.sleep(3)
+
+
+def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `cmd`; also how many cores other processes kept busy meanwhile (0: the machine was ours)."""
+    busy0, child0, started = busy_seconds(), children_cpu_seconds(), time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    others = (busy_seconds() - busy0 - (children_cpu_seconds() - child0)) / wall
+    return result, {"wall_s": wall, "other_cores": max(others, 0.0)}
+
+
 def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
     fresh_run_dir(source, run_dir)
-    started = time.perf_counter()
-    result = subprocess.run(
+    result, extra = measured(
         [sys.executable, "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}",
-         f"train.sft.max_steps={steps}", "train.eval_max_rows=1", *overrides],
-        cwd=ROOT, env=ENV, capture_output=True, text=True,
+         f"train.sft.max_steps={steps}", "train.eval_max_rows=1", *overrides]
     )  # fmt: skip
-    wall = time.perf_counter() - started
     if result.returncode != 0:
-        return {"error": last_line(result.stderr) or f"exit {result.returncode}", "wall_s": wall}
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
     metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
     return {
         "tokens_per_s": metrics["train_tokens_per_s"],
         "tokens": metrics["train_tokens"],
         "train_s": metrics["train_seconds"],
         "steps": metrics["steps"],
-        "wall_s": wall,
+        **extra,
     }
 
 
@@ -111,13 +147,10 @@ def run_baseline(source: Path, run_dir: Path, steps: int, gradient_checkpointing
     cmd = [sys.executable, __file__, "--baseline", str(run_dir), "--steps", str(steps)]
     if gradient_checkpointing is not None:
         cmd += ["--gradient-checkpointing", str(gradient_checkpointing).lower()]
-    started = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    result, extra = measured(cmd)
     if result.returncode != 0:
-        return {"error": last_line(result.stderr) or f"exit {result.returncode}", "wall_s": wall}
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    return {**figures, "wall_s": wall}
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
 
 
 def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> None:
@@ -174,9 +207,23 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
     }))  # fmt: skip
 
 
+RUNS = {
+    **{name: ("project", overrides) for name, overrides in PROJECT_VARIANTS.items()},
+    BASELINE: ("trl", None),
+    "trl defaults, no grad ckpt": ("trl", False),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved rounds over all runs; the best counts (default 2)"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=60.0,
+        help="before each run, wait up to this many s for other processes to leave the CPUs (default 60)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed afterwards)")
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the trl script
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], help=argparse.SUPPRESS)
@@ -190,40 +237,60 @@ def main() -> None:
     batch = compose_tiny(Path("unused")).train.sft.per_device_train_batch_size
     work = args.work or Path(tempfile.mkdtemp(prefix="train-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {name: [] for name in RUNS}
     try:
         print(f"building tiny data and base in {work} ...", file=sys.stderr)
         source = build_source(work)
-        results = {}
-        for i, (name, overrides) in enumerate(PROJECT_VARIANTS.items()):
-            print(f"{name} ({args.steps} steps) ...", file=sys.stderr)
-            results[name] = run_project(source, work / f"project-{i}", args.steps, overrides)
-        print(f"trl baseline ({args.steps} steps) ...", file=sys.stderr)
-        results["trl SFTTrainer defaults"] = run_baseline(source, work / "trl", args.steps, None)
-        print(f"trl baseline, gradient_checkpointing=False ({args.steps} steps) ...", file=sys.stderr)
-        results["trl defaults, no grad ckpt"] = run_baseline(source, work / "trl-nogc", args.steps, False)
+        for round_ in range(args.repeats):
+            for i, (name, (kind, option)) in enumerate(RUNS.items()):
+                busy = settle(args.settle)
+                progress = f"[{round_ + 1}/{args.repeats}] {name} ({args.steps} steps, CPUs {busy:.0f}% busy)"
+                print(progress, "...", file=sys.stderr)
+                run_dir = work / f"run-{i}"
+                if kind == "project":
+                    result = run_project(source, run_dir, args.steps, option)
+                else:
+                    result = run_baseline(source, run_dir, args.steps, option)
+                results[name].append(result)
+                print(f"    {json.dumps(result)}", file=sys.stderr)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results), file=sys.stderr)
+    print_table(results, args.steps, batch)
 
-    baseline = results["trl SFTTrainer defaults"].get("tokens_per_s")
-    print(f"\nTrain throughput, tiny model (experiment=tiny), {args.steps} steps, "
-          f"batch {batch}, {os.cpu_count()} CPUs")  # fmt: skip
-    header = f"{'run':<30} {'tokens/s':>10} {'tokens':>8} {'train s':>8} {'wall s':>7} {'vs trl':>7}"
+
+def print_table(results: dict[str, list[dict]], steps: int, batch: int) -> None:
+    def best(runs):
+        ok = [r for r in runs if "error" not in r]
+        return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+
+    baseline = best(results[BASELINE])
+    print(f"\nTrain throughput, tiny model (experiment=tiny), {steps} steps per run, batch {batch}, "
+          f"{os.cpu_count()} CPUs, best of {len(results[BASELINE])} interleaved round(s)")  # fmt: skip
+    header = (f"{'run':<28} {'tokens/s':>9} {'all rounds':>19} {'tokens':>7} {'train s':>8} "
+              f"{'others':>9} {'vs trl':>7}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<30} {'failed':>10}   {r['error']}")
+    for name, runs in results.items():
+        top = best(runs)
+        if top is None:
+            print(f"{name:<28} {'failed':>9}   {runs[0]['error']}")
             continue
-        ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
-        figures = f"{r['tokens_per_s']:>10.1f} {r['tokens']:>8d} {r['train_s']:>8.1f} {r['wall_s']:>7.1f}"
-        print(f"{name:<30} {figures} {ratio:>7}")
-    print("\nvs trl: tokens/s over the plain trl SFTTrainer baseline (SFTConfig defaults).")
-    trl = results["trl SFTTrainer defaults"]
-    if "error" not in trl:
-        print(f"trl baseline settings: gradient_checkpointing={trl['gradient_checkpointing']}, "
-              f"optim={trl['optim']}, loss on all tokens, bf16=False (CPU)")  # fmt: skip
-    print(json.dumps(results), file=sys.stderr)
+        rounds = "/".join(f"{r['tokens_per_s']:.0f}" if "error" not in r else "x" for r in runs)
+        others = "/".join(f"{r['other_cores']:.1f}" for r in runs)
+        ratio = f"{top['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "-"
+        figures = f"{top['tokens_per_s']:>9.1f} {rounds:>19} {top['tokens']:>7d} {top['train_s']:>8.1f}"
+        print(f"{name:<28} {figures} {others:>9} {ratio:>7}")
+    print(
+        "\ntokens/s: non-padding input tokens / train time (best round); all rounds: each round's tokens/s;"
+        "\nothers: cores kept busy by other processes during each round's run (0 = the machine was ours; a"
+        "\nrun sharing the 2 cores is several times slower, so trust rounds with others near 0);"
+        "\nvs trl: best tokens/s over the best of the plain trl SFTTrainer baseline (SFTConfig defaults)."
+    )
+    if baseline:
+        print(f"trl baseline settings: gradient_checkpointing={baseline['gradient_checkpointing']}, "
+              f"optim={baseline['optim']}, loss on all tokens, bf16=False (CPU)")  # fmt: skip
 
 
 if __name__ == "__main__":
