@@ -123,10 +123,10 @@ def encode_dialog_segments(messages: Sequence[dict[str, Any]], tokenizer) -> lis
             # Meta encodes the whole exchange in one call, so tokenize it whole and split after
             # `[/INST]`: SentencePiece may merge across that boundary differently than in two calls.
             exchange = encode_text(tokenizer, f"{B_INST} {user} {E_INST} {answer} ")
-            prompt_len = len(encode_text(tokenizer, f"{B_INST} {user} {E_INST}"))
-            if exchange[:prompt_len] != encode_text(tokenizer, f"{B_INST} {user} {E_INST}"):
-                prompt_len = len(exchange)  # no clean split: count the whole exchange as prompt
-            segments.append(([bos] + exchange[:prompt_len], exchange[prompt_len:] + [eos]))
+            prompt = encode_text(tokenizer, f"{B_INST} {user} {E_INST}")
+            if exchange[: len(prompt)] != prompt:  # never with SentencePiece's whitespace splitting
+                raise DialogError(f"the tokenizer merges across '{E_INST}' in turn {i}: prompt and answer cannot be split")
+            segments.append(([bos] + prompt, exchange[len(prompt) :] + [eos]))
         else:
             segments.append(([bos] + encode_text(tokenizer, f"{B_INST} {user} {E_INST}"), []))
     return segments

@@ -242,17 +242,11 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
-    """llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port, always shut down after.
-
-    No --chat_format: the server then renders the GGUF's own `tokenizer.chat_template`."""
-    port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--seed", "0"]  # fmt: skip
+def serve(command: list[str], base_url: str, log_path: Path):
+    """Run a server command until the block ends; it answers `{base_url}/v1/models` before entry."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    base_url = f"http://127.0.0.1:{port}"
     try:
         try:
             wait_until_up(f"{base_url}/v1/models", process, timeout=120)
@@ -266,6 +260,16 @@ def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
+    """llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port, always shut down after.
+
+    No --chat_format: the server then renders the GGUF's own `tokenizer.chat_template`."""
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+               "--port", str(port), "--n_ctx", str(n_ctx), "--seed", "0"]  # fmt: skip
+    return serve(command, f"http://127.0.0.1:{port}", log_path)
 
 
 def llamacpp_server(gguf: Path, questions, cfg, min_accuracy, log_path: Path | None = None) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -213,7 +212,7 @@ def has_system(messages: list[dict]) -> bool:
 def llamacpp_server(gguf_path, tmp_path_factory):
     """The doc's `python -m llama_cpp.server ...` on a free 127.0.0.1 port; always stopped."""
     pytest.importorskip("llama_cpp.server.app", reason=NO_SERVER)
-    from pipeline.smoke import free_port, wait_until_up
+    from pipeline.smoke import free_port, serve
 
     port = free_port()
     argv = shlex.split(snippet("llamacpp-server", **{DOC_GGUF: str(gguf_path)}))
@@ -221,22 +220,8 @@ def llamacpp_server(gguf_path, tmp_path_factory):
     argv[0] = sys.executable
     argv[argv.index("--port") + 1] = str(port)
     log = tmp_path_factory.mktemp("llamacpp-server") / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_until_up(f"{url}/v1/models", process, timeout=120)
-        except (RuntimeError, TimeoutError) as err:
-            raise AssertionError(f"{err}\n{log.read_text(errors='replace')[-3000:]}") from err
+    with serve(argv, f"http://127.0.0.1:{port}", log) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
