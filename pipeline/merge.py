@@ -255,8 +255,10 @@ def run(cfg, run_dir: Path) -> dict:
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
     figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
 
+    quantized_names = quantized_linear_names(base_dir)
+
     def merge_to(out_dir: Path, mode: str) -> dict:
-        roundtrip = quantized_linear_names(base_dir) if mode == "nf4_roundtrip" else set()
+        roundtrip = quantized_names if mode == "nf4_roundtrip" else set()
         stats = merge_weights(base_files, deltas, out_dir, dtype, parse_size(cfg.merge.max_shard_size),
                               roundtrip, quantization)  # fmt: skip
         write_config_files(base_dir, adapter_dir, out_dir, dtype)
