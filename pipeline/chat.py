@@ -24,16 +24,63 @@ CONTROL_TOKEN_TEXT = ("<s>", "</s>", "<unk>")
 
 ROLES = ("system", "user", "assistant")
 
-# Python's str.strip() removes exactly these characters (Meta strips with it). Jinja's bare `trim`
-# is str.strip() in jinja2 but Rust's str::trim in minijinja (TGI), which keeps \x1c-\x1f; with
-# the set spelled out, `trim(chars)` strips the same characters in every engine.
+# Python's str.strip() removes exactly these characters (Meta strips with it).
 PY_WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
-_STRIP = "trim('" + "".join(f"\\u{ord(c):04x}" for c in PY_WHITESPACE) + "')"
+ASCII_WHITESPACE = "".join(c for c in PY_WHITESPACE if c.isascii())  # \t \n \v \f \r, \x1c-\x1f, space
+WIDE_WHITESPACE = "".join(c for c in PY_WHITESPACE if not c.isascii())  # \x85, \xa0, \u2000-\u200a, ...
+
+# Every engine must read the template's string literals alike, and they do not:
+# - llama.cpp's own Jinja lexer (common/jinja, llama-server's default) knows only the escapes
+#   \n \t \r \b \f \v \\ \' \" and refuses any other (a `\u` escape stops the server loading);
+#   it also turns a raw \r in the template text into \n.
+# - minijinja (TGI) keeps `\v` as backslash + v.
+# So \t \n \r are written as escapes, every other character raw (UTF-8 for the wide ones).
+_JINJA_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r", "'": "\\'", "\\": "\\\\"}
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + "".join(_JINJA_ESCAPES.get(c, c) for c in text) + "'"
+
+
+_ASCII_TRIM = "trim(" + _jinja_string(ASCII_WHITESPACE) + ")"
+_WIDE = _jinja_string(WIDE_WHITESPACE)
+_WIDE_LIST = "[" + ", ".join(_jinja_string(c) for c in WIDE_WHITESPACE) + "]"
 _REFUSED_TEXT = ", ".join(f"'{tag}'" for tag in TURN_TAGS + CONTROL_TOKEN_TEXT)
+
+# `text.value`: the turn's text (the system block folded into the first) stripped as str.strip() does,
+# the same in every engine. `trim(chars)` strips the ASCII whitespace: llama.cpp
+# strips byte by byte, which is right for ASCII but would cut UTF-8 apart for a wide character
+# (a message ending in "é" would lose a byte). The wide characters are therefore removed one
+# whole character at a time with endswith/startswith and a slice as long as the character: each
+# engine counts `length` in the unit it slices in (bytes in llama.cpp, characters elsewhere).
+# The loop runs only for text whose first or last unit may belong to a wide character, and stops
+# as soon as a pass removes nothing (engines differ on `break`, so a flag ends it).
+_STRIP_CONTENT = (
+    "{%- set text = namespace(value=((system if loop.first else '') + message['content']) | "
+    + _ASCII_TRIM
+    + ", done=false) -%}\n"
+    "{%- if text.value[:1] in " + _WIDE + " or text.value[-1:] in " + _WIDE + " -%}\n"
+    "{%- for _ in range(text.value | length) -%}"
+    "{%- if not text.done -%}"
+    "{%- set text.done = true -%}"
+    "{%- for wide in " + _WIDE_LIST + " -%}"
+    "{%- if text.value.endswith(wide) -%}"
+    "{%- set text.value = text.value[:(text.value | length) - (wide | length)] | " + _ASCII_TRIM + " -%}"
+    "{%- set text.done = false -%}"
+    "{%- endif -%}"
+    "{%- if text.value.startswith(wide) -%}"
+    "{%- set text.value = text.value[wide | length:] | " + _ASCII_TRIM + " -%}"
+    "{%- set text.done = false -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}\n"
+    "{%- endif -%}\n"
+)
 
 # One line per Jinja statement, every tag whitespace-trimmed: engines render it with different
 # whitespace settings (transformers and llama-cpp-python: trim_blocks + lstrip_blocks; TGI's
-# minijinja: neither), so the template must not depend on them.
+# minijinja and llama.cpp: neither), so the template must not depend on them.
 LLAMA2_CHAT_TEMPLATE = (
     "{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}\n"
     "{%- set system = ('<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n')"
@@ -53,11 +100,11 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
     "{{- raise_exception('roles must alternate user/assistant after an optional system message') -}}"
     "{%- endif -%}\n"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' + ((system if loop.first else '') + message['content']) | " + _STRIP + ""
-    " + ' [/INST]' -}}"
+    + _STRIP_CONTENT
+    + "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + text.value + ' [/INST]' -}}"
     "{%- else -%}"
-    "{{- ' ' + message['content'] | " + _STRIP + " + ' ' + eos_token -}}"
+    "{{- ' ' + text.value + ' ' + eos_token -}}"
     "{%- endif -%}\n"
     "{%- endfor -%}"
 )

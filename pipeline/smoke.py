@@ -13,10 +13,8 @@ Writes `run_dir/smoke/report.json` and prints a table; exits non-zero when a che
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
-import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +25,10 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.chat import CONTROL_TOKEN_TEXT, DialogError, encode_dialog
-from pipeline.engines import LlamaCppEngine, TemplateRefused, TGIEngine, TransformersEngine
+from pipeline.engines import LlamaCppEngine, LlamaServerEngine, TemplateRefused, TGIEngine, TransformersEngine
 from pipeline.io import write_json
+from pipeline.llamacpp import LlamaCpp
+from pipeline.serving import free_port, http_json, http_sse, serve_gguf, serve_llama_server, wait_until_up
 
 log = logging.getLogger(__name__)
 
@@ -173,50 +173,11 @@ def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> 
         llama.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def chat_answers(base_url: str, questions, max_tokens: int, stream: bool, tokenizer=None) -> list[dict]:
+    """Greedy answers through an OpenAI-compatible `/v1/chat/completions` (llama.cpp or TGI).
 
-
-def http_json(url: str, body: dict | None = None, timeout: float = 120) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def http_sse(url: str, body: dict, timeout: float = 120) -> list[dict]:
-    """The `data:` events of a server-sent-events stream, up to `[DONE]`."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            payload = line[len("data:") :].strip()
-            if payload == "[DONE]":
-                break
-            events.append(json.loads(payload))
-    return events
-
-
-def wait_until_up(url: str, process: subprocess.Popen | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before answering {url}")
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
-
-
-def chat_answers(base_url: str, questions, max_tokens: int, stream: bool) -> list[dict]:
-    """Greedy answers through an OpenAI-compatible `/v1/chat/completions` (llama.cpp or TGI)."""
+    With `tokenizer`, each non-streamed answer also says whether the server's `usage.prompt_tokens`
+    is the length of the reference ids (a doubled BOS or a dropped one shows here)."""
     answers = []
     for messages, expected in questions:
         body = {"model": "model", "messages": messages, "temperature": 0.0, "max_tokens": max_tokens, "seed": 0}
@@ -226,50 +187,20 @@ def chat_answers(base_url: str, questions, max_tokens: int, stream: bool) -> lis
             finish = next((e["choices"][0].get("finish_reason") for e in reversed(events)
                            if e.get("choices") and e["choices"][0].get("finish_reason")), None)  # fmt: skip
         else:
-            choice = http_json(f"{base_url}/v1/chat/completions", body)["choices"][0]
+            out = http_json(f"{base_url}/v1/chat/completions", body)
+            choice = out["choices"][0]
             reply, finish = choice["message"]["content"] or "", choice["finish_reason"]
-        answers.append({"question": messages[-1]["content"], "expected": expected, "reply": reply,
-                        "correct": expected is not None and expected in reply,
-                        "stopped_on_eos": finish in ("stop", "eos_token")})  # fmt: skip
+        answer = {
+            "question": messages[-1]["content"],
+            "expected": expected,
+            "reply": reply,
+            "correct": expected is not None and expected in reply,
+            "stopped_on_eos": finish in ("stop", "eos_token"),
+        }
+        if tokenizer is not None and not stream:
+            answer["prompt_ids_match"] = out["usage"]["prompt_tokens"] == len(encode_dialog(messages, tokenizer))
+        answers.append(answer)
     return answers
-
-
-def _die_with_parent() -> None:
-    """In the server's process: get SIGTERM when the process that started it dies, however it dies
-    (Linux's PR_SET_PDEATHSIG), so a killed smoke stage never leaves a server listening."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def serve(command: list[str], base_url: str, log_path: Path):
-    """Run a server command until the block ends; it answers `{base_url}/v1/models` before entry."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    try:
-        try:
-            wait_until_up(f"{base_url}/v1/models", process, timeout=120)
-        except (RuntimeError, TimeoutError) as err:
-            raise RuntimeError(f"{err}; server log:\n{log_path.read_text(errors='replace')[-2000:]}") from err
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
-    """llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port, always shut down after.
-
-    No --chat_format: the server then renders the GGUF's own `tokenizer.chat_template`."""
-    port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--seed", "0"]  # fmt: skip
-    return serve(command, f"http://127.0.0.1:{port}", log_path)
 
 
 def llamacpp_server(gguf: Path, questions, cfg, min_accuracy, log_path: Path | None = None) -> dict:
@@ -283,6 +214,43 @@ def llamacpp_server(gguf: Path, questions, cfg, min_accuracy, log_path: Path | N
             "streaming": _summarise(chat_answers(base_url, questions, cfg.smoke.max_tokens, True),
                                     min_accuracy, cfg.smoke.min_eos_stop),  # fmt: skip
         }
+
+
+def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log_dir: Path) -> dict:
+    """llama.cpp's own `llama-server` with default flags (its Jinja engine, the GGUF's template):
+    parity through `/apply-template` + `/tokenize`, then answers through `/v1/chat/completions`.
+
+    Then the same server with `--no-jinja`, llama.cpp's built-in formats (`llama_chat_apply_template`,
+    which picks a layout by looking at the template's text): measured as counts, never a pass, as it
+    is llama.cpp's layout and not Meta's."""
+    llamacpp = LlamaCpp(cfg.llamacpp.dir)
+    section = {"gguf": gguf.name, "llama_cpp": llamacpp.version()}
+    # Chat requests: a dialog ending with an assistant message is, by llama-server's default, a prefill
+    # (that answer continued), so closed dialogs are checked as the prompt before their last answer.
+    prompts = [(name, m[:-1]) if m and m[-1].get("role") == "assistant" else (name, m) for name, m in cases]
+    with serve_llama_server(gguf, log_dir / "llama-server.log", llamacpp) as base_url:
+        section["url"] = base_url
+        section["parity"] = engine_parity(LlamaServerEngine(base_url), prompts, tokenizer)
+        served = questions[: cfg.smoke.server_rows]
+        section["non_streaming"] = _summarise(
+            chat_answers(base_url, served, cfg.smoke.max_tokens, False, tokenizer), min_accuracy, cfg.smoke.min_eos_stop
+        )
+        section["streaming"] = _summarise(
+            chat_answers(base_url, served, cfg.smoke.max_tokens, True), min_accuracy, cfg.smoke.min_eos_stop
+        )
+    with serve_llama_server(gguf, log_dir / "llama-server-no-jinja.log", llamacpp, ("--no-jinja",)) as base_url:
+        builtin = engine_parity(LlamaServerEngine(base_url, "llama-server --no-jinja"), prompts, tokenizer)
+    section["builtin_no_jinja"] = {
+        "status": "measured",
+        "note": "llama.cpp's built-in chat format (--no-jinja, llama_chat_apply_template), not Meta's layout",
+        "equal": builtin["equal"],
+        "cases": builtin["cases"],
+        "divergent_cases": [d["case"] for d in builtin["divergences"]],
+        "injection": builtin["injection"],
+    }
+    statuses = [section["parity"]["status"], section["non_streaming"]["status"], section["streaming"]["status"]]
+    section["status"] = "fail" if "fail" in statuses else "pass"
+    return section
 
 
 # --- TGI, live where it can run ----------------------------------------------------------------
@@ -436,13 +404,18 @@ def run(cfg, run_dir: Path) -> dict:
     statuses += [section["server"][mode]["status"] for mode in ("non_streaming", "streaming")]
     section["status"] = "fail" if "fail" in statuses else "pass"
     report["llamacpp"] = section
+    server_quant = server_gguf.stem.rsplit("-", 1)[-1]
+    report["llama_server"] = llama_server(
+        server_gguf, cases, questions, tokenizer, cfg, cfg.smoke.min_accuracy.get(server_quant), run_dir / "smoke"
+    )
 
     write_json(run_dir / "smoke" / "report.json", report)
     print(format_report(report))
-    failed = [name for name in ("transformers", "tgi", "llamacpp") if report[name]["status"] == "fail"]
+    sections = ("transformers", "tgi", "llamacpp", "llama_server")
+    failed = [name for name in sections if report[name]["status"] == "fail"]
     if failed:
         raise SmokeFailed(f"smoke checks failed: {', '.join(failed)} (see {run_dir / 'smoke' / 'report.json'})")
-    return {name: report[name]["status"] for name in ("transformers", "tgi", "llamacpp")}
+    return {name: report[name]["status"] for name in sections}
 
 
 class SmokeFailed(RuntimeError):
@@ -450,26 +423,37 @@ class SmokeFailed(RuntimeError):
 
 
 def format_report(report: dict) -> str:
-    lines = ["", "Smoke test", f"{'check':<50} {'result':<8} detail"]
+    lines = ["", "Smoke test", f"{'check':<58} {'result':<8} detail"]
 
     def row(check, status, detail=""):
-        lines.append(f"{check:<50} {status:<8} {detail}")
+        lines.append(f"{check:<58} {status:<8} {detail}")
+
+    def answers(r):
+        return f"accuracy {r['accuracy']}, EOS stop {r['stopped_on_eos']}, prompt ids match {r['prompt_ids_match']}"
 
     t = report["transformers"]
     row("parity: transformers", t["status"], f"{t['equal']}/{t['cases']} equal")
     p = report["tgi"]["offline_parity"]
-    row("parity: TGI path (minijinja + tokenizers)", p["status"], f"{p['equal']}/{p['cases']} equal")
+    row("parity: TGI reproduction (minijinja + tokenizers; not TGI)", p["status"], f"{p['equal']}/{p['cases']} equal")
     for name, p in report["llamacpp"]["parity"].items():
-        row(f"parity: llama.cpp {name}", p["status"], f"{p['equal']}/{p['cases']} equal")
+        row(f"parity: llama-cpp-python {name}", p["status"], f"{p['equal']}/{p['cases']} equal")
     for name, r in report["llamacpp"]["in_process"].items():
-        row(f"llama.cpp in-process {name}", r["status"],
-            f"accuracy {r['accuracy']}, EOS stop {r['stopped_on_eos']}, prompt ids match {r['prompt_ids_match']}")
+        row(f"llama-cpp-python in-process {name}", r["status"], answers(r))
     server = report["llamacpp"]["server"]
     for mode in ("non_streaming", "streaming"):
-        r = server[mode]
-        row(f"llama.cpp server {mode} {server['gguf']}", r["status"], f"accuracy {r['accuracy']}, EOS stop {r['stopped_on_eos']}")
+        row(f"llama-cpp-python server {mode} {server['gguf']}", server[mode]["status"], answers(server[mode]))
+    native = report["llama_server"]
+    commit = native["llama_cpp"]["commit"]
+    p = native["parity"]
+    row(f"parity: llama-server {commit} (Jinja) {native['gguf']}", p["status"], f"{p['equal']}/{p['cases']} equal")
+    for mode in ("non_streaming", "streaming"):
+        row(f"llama-server {commit} {mode}", native[mode]["status"], answers(native[mode]))
+    b = native["builtin_no_jinja"]
+    row(f"llama-server {commit} --no-jinja (built-in format)", b["status"], f"{b['equal']}/{b['cases']} equal Meta's ids")
     tgi = report["tgi"]
     row("TGI live", tgi["status"], tgi.get("reason", "; ".join(tgi.get("failures", []))))
-    lines.append(f"space-run tokenization differences (HF vs llama.cpp) on eval rows: "
-                 f"{len(report['llamacpp'].get('space_run_differences', []))}")  # fmt: skip
+    lines.append(
+        "space-run tokenization differences (HF vs llama.cpp) on eval rows: "
+        f"{len(report['llamacpp'].get('space_run_differences', []))}"
+    )
     return "\n".join(lines)

@@ -52,12 +52,43 @@ def llama2_hf_dir(llama2_tokenizer_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama2_vocab_gguf(llama2_hf_dir, tmp_path_factory) -> Path:
+def llamacpp():
+    """llama.cpp's own programs and converter, as the README's set-up builds them. Not skipped when
+    missing: the tests of the real engine must run, so a missing build is an error that says how to build."""
+    from pipeline.llamacpp import LlamaCpp
+
+    native = LlamaCpp()
+    native.tool("llama-server"), native.converter()  # raise, naming the build command, if absent
+    return native
+
+
+@pytest.fixture(scope="session")
+def llama2_vocab_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     """A vocab-only GGUF of the real Llama-2 tokenizer, made by llama.cpp's converter."""
     from pipeline.convert import convert_to_gguf
 
     out = tmp_path_factory.mktemp("llama2-gguf") / "llama2-vocab.gguf"
-    convert_to_gguf(llama2_hf_dir, out, vocab_only=True)
+    convert_to_gguf(llama2_hf_dir, out, vocab_only=True, llamacpp=llamacpp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama2_random_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
+    """A 1-layer random-weight Llama carrying the real Llama-2 tokenizer and the project's template, as
+    an F16 GGUF: llama-server cannot load a vocab-only GGUF, and the ids only need the vocabulary."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.convert import convert_to_gguf
+
+    hf_dir = tmp_path_factory.mktemp("llama2-random")
+    shutil.copytree(llama2_hf_dir, hf_dir, dirs_exist_ok=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(llama2_hf_dir)).save_pretrained(hf_dir)
+    out = hf_dir / "llama2-random-F16.gguf"
+    convert_to_gguf(hf_dir, out, "f16", llamacpp=llamacpp)
     return out
 
 

@@ -3,8 +3,9 @@
 The reference is Meta's `Llama.chat_completion` encoding (llama/generation.py), re-implemented here
 directly on `sentencepiece` (see `meta_reference_ids`) so that it shares no code with
 `pipeline.chat`. Every way the project turns a chat into token ids must give exactly those ids:
-`pipeline.chat.encode_dialog` with the project's tokenizer, and the transformers, TGI and llama.cpp
-chat paths of `pipeline.engines`.
+`pipeline.chat.encode_dialog` with the project's tokenizer, and the chat paths of `pipeline.engines`:
+transformers, the TGI reproduction (minijinja + tokenizers; TGI itself cannot run here),
+llama-cpp-python, and llama.cpp's own `llama-server`, running on 127.0.0.1 with default flags.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sentencepiece as spm
 
 from pipeline.chat import DialogError, encode_dialog
 from pipeline.data import parse_guanaco_text
-from pipeline.engines import LlamaCppEngine, TemplateRefused, TGIEngine, TransformersEngine
+from pipeline.engines import LlamaCppEngine, LlamaServerEngine, TemplateRefused, TGIEngine, TransformersEngine
+from pipeline.serving import serve_llama_server
 from pipeline.tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +111,23 @@ def llamacpp_engine(llama2_vocab_gguf):
     engine.llama.close()  # free llama.cpp's vocab now, not in __del__ at interpreter exit
 
 
-ENGINE_FIXTURES = {"transformers": "transformers_engine", "tgi": "tgi_engine", "llama.cpp": "llamacpp_engine"}
+@pytest.fixture(scope="module")
+def llama_server_engine(llama2_random_gguf, llamacpp, tmp_path_factory):
+    """llama.cpp's own server (its C++ Jinja engine) on the real Llama-2 vocabulary. Default flags but
+    one: by default a request whose last message is an assistant's is a prefill (the answer is continued,
+    `[/INST]answer`, not closed); `--no-prefill-assistant` has the template render closed exchanges, so
+    that whole training-shaped dialogs are checked too. Prompts render the same either way."""
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with serve_llama_server(llama2_random_gguf, log_path, llamacpp, ("--no-prefill-assistant",)) as base_url:
+        yield LlamaServerEngine(base_url)
+
+
+ENGINE_FIXTURES = {
+    "transformers": "transformers_engine",
+    "tgi": "tgi_engine",
+    "llama-cpp-python": "llamacpp_engine",
+    "llama-server": "llama_server_engine",
+}
 IMPLEMENTATIONS = ["encode_dialog", *ENGINE_FIXTURES]
 
 
@@ -460,7 +478,8 @@ def test_engines_refuse_system_only_dialog(engine):
         "encode_dialog",
         "transformers",
         "tgi",
-        "llama.cpp",
+        "llama-cpp-python",
+        "llama-server",
     ],
 )
 @pytest.mark.parametrize("separator", ["\x1c", "\x1d", "\x1e", "\x1f"], ids=["FS", "GS", "RS", "US"])

@@ -212,7 +212,7 @@ def has_system(messages: list[dict]) -> bool:
 def llamacpp_server(gguf_path, tmp_path_factory):
     """The doc's `python -m llama_cpp.server ...` on a free 127.0.0.1 port; always stopped."""
     pytest.importorskip("llama_cpp.server.app", reason=NO_SERVER)
-    from pipeline.smoke import free_port, serve
+    from pipeline.serving import free_port, serve
 
     port = free_port()
     argv = shlex.split(snippet("llamacpp-server", **{DOC_GGUF: str(gguf_path)}))

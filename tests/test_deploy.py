@@ -190,25 +190,29 @@ def test_serve_targets_take_the_chat_template_from_the_artifact():
     assert tgi.base.startswith("ghcr.io/huggingface/text-generation-inference:")
     assert "/health" in tgi.all("HEALTHCHECK")[-1]
     llamacpp = stage_named(DOCKERFILE_SERVE, "llamacpp")
-    assert json.loads(llamacpp.all("ENTRYPOINT")[-1]) == ["python", "-m", "llama_cpp.server"]
-    assert "/v1/models" in llamacpp.all("HEALTHCHECK")[-1]
+    assert json.loads(llamacpp.all("ENTRYPOINT")[-1]) == ["llama-server"]
+    assert "/health" in llamacpp.all("HEALTHCHECK")[-1]
     for instruction, args in instructions(DOCKERFILE_SERVE):
         # No chat format or template of the server's own: TGI reads tokenizer_config.json,
-        # llama-cpp-python the GGUF's tokenizer.chat_template.
-        assert not re.search(r"chat_format|CHAT_FORMAT|--chat-template|tokenizer-config-path", args), (
+        # llama-server the GGUF's tokenizer.chat_template with its Jinja engine.
+        assert not re.search(r"chat_format|CHAT_FORMAT|--chat-template|CHAT_TEMPLATE|no-jinja|tokenizer-config-path", args), (
             f"{instruction} {args}"
         )
 
 
 def test_llama_cpp_python_pin_matches_pyproject():
-    """The serve and train images pin exactly the llama-cpp-python version pyproject.toml requires."""
-    floors = set(re.findall(r'"llama-cpp-python\[server\]>=([\w.]+)"', (ROOT / "pyproject.toml").read_text()))
-    assert len(floors) == 1, f"pyproject.toml: llama-cpp-python floors {floors}"
-    (floor,) = floors
-    for path, stage_name in [(DOCKERFILE_SERVE, "llamacpp-builder"), (DOCKERFILE_TRAIN, "builder")]:
-        stage = stage_named(path, stage_name)
-        assert stage.args()["LLAMA_CPP_PYTHON_VERSION"] == floor, f"{path.name} stage {stage_name}"
-        assert any("llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}" in run for run in stage.all("RUN"))
+    """The train image and pipeline/llamacpp.py pin exactly the llama-cpp-python version pyproject.toml
+    requires; the serve image builds llama-server from that version's sdist with pipeline/llamacpp.py."""
+    from pipeline.llamacpp import LLAMA_CPP_PYTHON
+
+    pins = set(re.findall(r'"llama-cpp-python\[server\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text()))
+    assert pins == {LLAMA_CPP_PYTHON}, f"pyproject.toml: llama-cpp-python pins {pins}"
+    builder = stage_named(DOCKERFILE_TRAIN, "builder")
+    assert builder.args()["LLAMA_CPP_PYTHON_VERSION"] == LLAMA_CPP_PYTHON
+    assert any("llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}" in run for run in builder.all("RUN"))
+    serve_builder = stage_named(DOCKERFILE_SERVE, "llamacpp-builder")
+    assert "pipeline/llamacpp.py" in " ".join(serve_builder.all("COPY"))
+    assert any("llamacpp.py build" in run for run in serve_builder.all("RUN"))
 
 
 def test_train_image():

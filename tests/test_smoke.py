@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, TGI_OPENAPI, need, run_pipeline
-from pipeline import smoke
+from pipeline import serving, smoke
 from pipeline.chat import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
 from pipeline.engines import TGIEngine, TransformersEngine
 
@@ -78,7 +78,8 @@ def read_report(run_dir: Path) -> dict:
 
 def parity_sections(report: dict) -> list[tuple[str, dict]]:
     sections = [("transformers", report["transformers"]), ("tgi offline", report["tgi"]["offline_parity"])]
-    return sections + [(f"llama.cpp {name}", p) for name, p in report["llamacpp"]["parity"].items()]
+    sections += [(f"llama-cpp-python {name}", p) for name, p in report["llamacpp"]["parity"].items()]
+    return sections + [("llama-server", report["llama_server"]["parity"])]
 
 
 def encodes(messages: list[dict], tokenizer) -> bool:
@@ -163,7 +164,7 @@ class ServerWatch:
 def post(url: str, body) -> tuple[int, dict]:
     """(status, JSON body) of a POST, error statuses included."""
     try:
-        return 200, smoke.http_json(url, body)
+        return 200, serving.http_json(url, body)
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
 
@@ -203,7 +204,7 @@ def eval_rows(tiny_run) -> list[dict]:
 
 @pytest.mark.slow
 def test_report_has_a_status_per_engine(report):
-    for name in ("transformers", "tgi", "llamacpp"):
+    for name in ("transformers", "tgi", "llamacpp", "llama_server"):
         assert report[name]["status"] in {"pass", "fail", "not_run"}, name
     assert report["transformers"]["status"] == "pass"
     assert report["llamacpp"]["status"] == "pass"
@@ -245,6 +246,48 @@ def test_report_llamacpp_server_answers(report, cfg):
         assert result["stopped_on_eos"] == 1.0, (mode, result)
         assert result["accuracy"] >= SERVER_FLOOR, (mode, result)
         assert result["status"] == "pass", (mode, result["failures"])
+
+
+@pytest.mark.slow
+def test_report_llama_server_is_llamacpp_itself_with_meta_ids(report, cfg):
+    """llama.cpp's own server, default flags, the same llama.cpp commit as the bindings and converter."""
+    native = report["llama_server"]
+    assert native["status"] == "pass"
+    assert native["gguf"].endswith(f"-{cfg.smoke.server_quant}.gguf")
+    assert native["llama_cpp"]["same_commit"] is True, native["llama_cpp"]
+    assert native["parity"]["equal"] == native["parity"]["cases"], native["parity"]["divergences"]
+    for mode in ("non_streaming", "streaming"):
+        result = native[mode]
+        assert result["answers"] == cfg.smoke.server_rows, mode
+        assert result["stopped_on_eos"] == 1.0, (mode, result)
+        assert result["accuracy"] >= SERVER_FLOOR, (mode, result)
+    # usage.prompt_tokens of /v1/chat/completions is the reference's length: no doubled or lost BOS.
+    assert native["non_streaming"]["prompt_ids_match"] is True
+    refused = {name: outcome for name, outcome in native["parity"]["injection"].items() if name.startswith("inject_bos")}
+    assert refused and all(outcome.startswith("refused") for outcome in refused.values()), refused
+
+
+@pytest.mark.slow
+def test_report_llama_server_builtin_format_is_measured_not_passed(report):
+    """`--no-jinja` is llama.cpp's built-in Llama-2 layout, not Meta's: counts, never a pass."""
+    builtin = report["llama_server"]["builtin_no_jinja"]
+    assert builtin["status"] == "measured"
+    assert 0 <= builtin["equal"] < builtin["cases"], builtin
+    assert len(builtin["divergent_cases"]) == builtin["cases"] - builtin["equal"]
+
+
+@pytest.mark.slow
+def test_llama_cli_answers_from_the_quantized_gguf(tiny_run, eval_rows, llamacpp):
+    """llama.cpp's CLI loads the Q4_K_M (its Jinja engine parses the template at load) and answers."""
+    messages, expected = eval_rows[0]["messages"][:-1], eval_rows[0].get("expected")
+    question = messages[-1]["content"]
+    command = [str(llamacpp.tool("llama-cli")), "--model", str(gguf_of(tiny_run, "Q4_K_M")), "--single-turn",
+               "--prompt", question, "--n-predict", "32", "--temp", "0", "--seed", "0"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "failed to initialize chat template" not in result.stderr
+    if expected is not None:
+        assert expected in result.stdout, result.stdout[-1000:]
 
 
 @pytest.mark.slow
@@ -415,7 +458,7 @@ def test_accuracy_is_not_judged_without_expected_answers():
 def llama_server(tiny_run, tmp_path_factory):
     """llama-cpp-python's OpenAI server on the tiny Q4_K_M GGUF, as the stage starts it."""
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with smoke.serve_gguf(gguf_of(tiny_run, "Q4_K_M"), 256, log_path) as base_url:
+    with serving.serve_gguf(gguf_of(tiny_run, "Q4_K_M"), 256, log_path) as base_url:
         yield base_url
 
 
@@ -433,14 +476,14 @@ def test_chat_answers_streaming_equals_non_streaming(llama_server, eval_rows, cf
 
 @pytest.fixture
 def recorded_ports(monkeypatch) -> list[int]:
-    """The ports `pipeline.smoke.free_port` hands out (recorded, not changed)."""
-    ports, real = [], smoke.free_port
+    """The ports `pipeline.serving.free_port` hands out (recorded, not changed)."""
+    ports, real = [], serving.free_port
 
     def record() -> int:
         ports.append(real())
         return ports[-1]
 
-    monkeypatch.setattr(smoke, "free_port", record)
+    monkeypatch.setattr(serving, "free_port", record)
     return ports
 
 
@@ -511,12 +554,12 @@ def test_llamacpp_server_answers_many_requests(tiny_run, eval_rows, cfg):
     assert outcome["result"]["streaming"]["answers"] == 48
 
 
-# Holds llama-cpp-python's server open through `pipeline.smoke.serve_gguf` until it is signalled.
+# Holds llama-cpp-python's server open through `pipeline.serving.serve_gguf` until it is signalled.
 SERVE_UNTIL_STOPPED = """
 import sys, time
 from pathlib import Path
-from pipeline import smoke
-with smoke.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
+from pipeline import serving
+with serving.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
     print(url, flush=True)
     time.sleep(600)
 """
