@@ -69,13 +69,13 @@ STAGES: dict[str, StageSpec] = {
     ),
     "convert": StageSpec(
         "pipeline.convert",
-        ("export.name", "export.outtype", "export.ladder_rows", "export.min_top1_agreement"),
+        ("export.name", "export.outtype", "export.ladder_rows", "export.min_top1_agreement", "llamacpp"),
         lambda cfg, d: [d / "merged"],
         lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
     ),
     "quantize": StageSpec(
         "pipeline.quantize",
-        ("export",),
+        ("export", "llamacpp"),
         lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
         lambda cfg, d: [_gguf(cfg, d, q) for q in cfg.export.quants],
     ),

@@ -111,7 +111,9 @@ def vendored_commit(source: Path) -> str:
     head = source.parent.parent / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
     commit = head.read_text().strip() if head.is_file() else ""
     if commit != LLAMA_CPP_COMMIT:
-        raise RuntimeError(f"{head}: vendored llama.cpp commit {commit or 'missing'}, expected {LLAMA_CPP_COMMIT}")
+        raise RuntimeError(
+            f"{head}: vendored llama.cpp commit {commit or 'missing'}, expected {LLAMA_CPP_COMMIT}"
+        )
     return commit
 
 
@@ -206,13 +208,20 @@ class LlamaCpp:
         )
 
     def tool(self, name: str) -> Path:
-        for candidate in (self.directory / "bin" / name, self.directory / "build" / "bin" / name, self.directory / name):
+        for candidate in (
+            self.directory / "bin" / name,
+            self.directory / "build" / "bin" / name,
+            self.directory / name,
+        ):
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return candidate
         raise self._missing(name)
 
     def converter(self) -> Path:
-        for candidate in (self.directory / "convert" / "convert_hf_to_gguf.py", self.directory / "convert_hf_to_gguf.py"):
+        for candidate in (
+            self.directory / "convert" / "convert_hf_to_gguf.py",
+            self.directory / "convert_hf_to_gguf.py",
+        ):
             if candidate.is_file():
                 return candidate
         raise self._missing("convert_hf_to_gguf.py")
@@ -226,12 +235,16 @@ class LlamaCpp:
 
         `same_commit` says whether the programs are the commit the pinned bindings vendor.
         """
-        result = subprocess.run([str(self.tool("llama-server")), "--version"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [str(self.tool("llama-server")), "--version"], capture_output=True, text=True, timeout=60
+        )
         text = result.stdout + result.stderr
         # "version: 0.5.0-dev (build 1, commit 0c1e570)"
         match = re.search(r"version: (\S+) \(build (\d+), commit ([0-9a-f]+|unknown)\)", text)
         if result.returncode != 0 or not match:
-            raise RuntimeError(f"{self.tool('llama-server')} --version gave no version ({result.returncode}): {text[-300:]}")
+            raise RuntimeError(
+                f"{self.tool('llama-server')} --version gave no version ({result.returncode}): {text[-300:]}"
+            )
         commit = match.group(3)
         try:
             from importlib.metadata import version
@@ -252,12 +265,22 @@ class LlamaCpp:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.llamacpp", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build_parser = sub.add_parser("build", help=f"compile {', '.join(TOOLS)} and install them with the converter")
-    build_parser.add_argument("--prefix", type=Path, default=default_prefix(), help="install here (default: %(default)s)")
-    build_parser.add_argument("--sdist", type=Path, help=f"a local llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")
+    build_parser = sub.add_parser(
+        "build", help=f"compile {', '.join(TOOLS)} and install them with the converter"
+    )
+    build_parser.add_argument(
+        "--prefix", type=Path, default=default_prefix(), help="install here (default: %(default)s)"
+    )
+    build_parser.add_argument(
+        "--sdist", type=Path, help=f"a local llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    )
     build_parser.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
-    build_parser.add_argument("--cmake-arg", action="append", default=[], help="an extra CMake argument (repeatable)")
-    build_parser.add_argument("--force", action="store_true", help="compile even if this build is installed or cached")
+    build_parser.add_argument(
+        "--cmake-arg", action="append", default=[], help="an extra CMake argument (repeatable)"
+    )
+    build_parser.add_argument(
+        "--force", action="store_true", help="compile even if this build is installed or cached"
+    )
     sub.add_parser("version", help="the installed programs' llama.cpp commit, beside the bindings'")
     args = parser.parse_args(argv)
     if args.command == "version":
@@ -266,13 +289,24 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.prefix.resolve()
     cmake_args = [*CMAKE_ARGS, *args.cmake_arg]
     existing = LlamaCpp(prefix).build_record()
-    if not args.force and existing and existing["commit"] == LLAMA_CPP_COMMIT and existing["cmake_args"] == cmake_args:
-        print(f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} already built ({', '.join(existing['tools'])}); --force rebuilds")
+    if (
+        not args.force
+        and existing
+        and existing["commit"] == LLAMA_CPP_COMMIT
+        and existing["cmake_args"] == cmake_args
+    ):
+        print(
+            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} already built ({', '.join(existing['tools'])}); --force rebuilds"
+        )
         return 0
     if not args.force and install_from_cache(prefix, cmake_args):
-        print(f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} installed from {cache_entry(cmake_args)}; --force rebuilds")
+        print(
+            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} installed from {cache_entry(cmake_args)}; --force rebuilds"
+        )
         return 0
-    print(f"building llama.cpp {LLAMA_CPP_COMMIT[:9]} ({', '.join(TOOLS)}) into {args.prefix} ...", flush=True)
+    print(
+        f"building llama.cpp {LLAMA_CPP_COMMIT[:9]} ({', '.join(TOOLS)}) into {args.prefix} ...", flush=True
+    )
     try:
         record = build(prefix, args.sdist, args.jobs, args.cmake_arg)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:

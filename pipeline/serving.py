@@ -32,7 +32,9 @@ def http_json(url: str, body: dict | None = None, timeout: float = 120) -> dict:
 
 def http_sse(url: str, body: dict, timeout: float = 120) -> list[dict]:
     """The `data:` events of a server-sent-events stream, up to `[DONE]`."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     events = []
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for raw in response:
@@ -57,7 +59,6 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout: float) ->
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
     raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
-
 
 
 @contextlib.contextmanager
@@ -91,11 +92,17 @@ def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
     return serve(command, f"http://127.0.0.1:{port}", log_path)
 
 
-
-
 def serve_llama_server(gguf: Path, log_path: Path, llamacpp: LlamaCpp, extra_args: tuple[str, ...] = ()):
     """llama.cpp's own `llama-server` on a free 127.0.0.1 port with its default flags (Jinja on, the
     GGUF's `tokenizer.chat_template`), always shut down after; `extra_args` such as `--no-jinja`."""
     port = free_port()
-    command = [str(llamacpp.tool("llama-server")), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(llamacpp.tool("llama-server")),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return serve(command + list(extra_args), f"http://127.0.0.1:{port}", log_path)

@@ -12,14 +12,9 @@ Writes `run_dir/smoke/report.json` and prints a table; exits non-zero when a che
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
