@@ -1,11 +1,14 @@
 """Smoke stage: prove the served model sees Meta's token ids and answers like the trained one.
 
 1. Parity, engine by engine, against `pipeline.chat.encode_dialog` (the reference), on a fixed
-   suite of dialogs plus a sample of the run's eval rows: transformers, TGI's path (offline:
-   minijinja + tokenizers) and llama.cpp's path (GGUF template + llama.cpp tokenizer).
-2. llama.cpp live: in-process `llama_cpp.Llama` on each GGUF, then llama-cpp-python's
-   OpenAI-compatible server on 127.0.0.1 (streaming and not), always shut down afterwards.
-3. TGI live, where it can run: `smoke.tgi.url` or `smoke.tgi.launch=docker`; otherwise the
+   suite of dialogs plus a sample of the run's eval rows: transformers, a reproduction of TGI's
+   path (minijinja + tokenizers; labelled as one, never as TGI) and llama-cpp-python's path
+   (GGUF template, its Jinja2 formatter, llama.cpp's tokenizer).
+2. llama-cpp-python live: in-process `llama_cpp.Llama` on each GGUF, then its OpenAI-compatible
+   server on 127.0.0.1 (streaming and not), always shut down afterwards.
+3. llama.cpp's own `llama-server` live on the served GGUF with default flags: parity through its
+   C++ Jinja engine, answers and EOS; then `--no-jinja` (built-in format), measured as counts.
+4. TGI live, where it can run: `smoke.tgi.url` or `smoke.tgi.launch=docker`; otherwise the
    section says not_run with the reason.
 Writes `run_dir/smoke/report.json` and prints a table; exits non-zero when a check that ran fails.
 """
