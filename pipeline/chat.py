@@ -24,7 +24,9 @@ CONTROL_TOKEN_TEXT = ("<s>", "</s>", "<unk>")
 
 ROLES = ("system", "user", "assistant")
 
-# Python's str.strip() removes exactly these characters (Meta strips with it).
+# Python's str.strip() removes exactly these characters (Meta strips with it). Jinja's bare `trim`
+# strips a different set in each engine (minijinja's Rust trim keeps \x1c-\x1f, llama.cpp's C
+# isspace() keeps them and all non-ASCII whitespace), so the template spells the set out.
 PY_WHITESPACE = "".join(c for c in map(chr, range(0x110000)) if c.isspace())
 ASCII_WHITESPACE = "".join(c for c in PY_WHITESPACE if c.isascii())  # \t \n \v \f \r, \x1c-\x1f, space
 WIDE_WHITESPACE = "".join(c for c in PY_WHITESPACE if not c.isascii())  # \x85, \xa0, \u2000-\u200a, ...

@@ -69,7 +69,8 @@ def cache_entry(cmake_args: list[str]) -> Path:
 
 
 def _replace_dir(staged: Path, final: Path) -> None:
-    """Move a complete directory to `final`; an existing one is removed only after the move."""
+    """Move a complete directory to `final`; an existing one is removed only after the move.
+    (`pipeline.io.atomic_dir` does the same for the stages; this file stays standard-library only.)"""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
