@@ -136,6 +136,34 @@ class LlamaCppEngine:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
+class LlamaCppBuiltinEngine(LlamaCppEngine):
+    """llama.cpp's built-in chat formats through its C API, `llama_chat_apply_template` (what
+    `llama-server --no-jinja` and `--chat-template <name>` use): llama.cpp picks a hand-written layout by
+    looking at the template's text and never runs it. Measured, not trusted: it is not Meta's layout."""
+
+    name = "llama_chat_apply_template"
+
+    def render(self, messages: list[dict]) -> str:
+        import ctypes
+
+        import llama_cpp
+
+        chat = (llama_cpp.llama_chat_message * len(messages))()
+        encoded = [(m["role"].encode(), m["content"].encode()) for m in messages]  # kept alive for the call
+        for slot, (role, content) in zip(chat, encoded):
+            slot.role, slot.content = role, content
+        size = 1 << 20
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(self.template.encode(), chat, len(messages), True, buffer, size)
+        if n < 0 or n > size:
+            raise TemplateRefused(f"llama_chat_apply_template returned {n}")
+        return buffer.raw[:n].decode("utf-8")
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        # The server tokenizes the built-in layout with BOS added and special tokens parsed.
+        return self.llama.tokenize(self.render(messages).encode("utf-8"), add_bos=True, special=True)
+
+
 class LlamaServerEngine:
     """llama.cpp's own `llama-server`, live: `/apply-template` renders the chat with the GGUF's template
     in llama.cpp's C++ Jinja engine, and `/tokenize` with `add_special` and `parse_special` tokenizes it

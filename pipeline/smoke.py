@@ -23,7 +23,14 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.chat import CONTROL_TOKEN_TEXT, DialogError, encode_dialog
-from pipeline.engines import LlamaCppEngine, LlamaServerEngine, TemplateRefused, TGIEngine, TransformersEngine
+from pipeline.engines import (
+    LlamaCppBuiltinEngine,
+    LlamaCppEngine,
+    LlamaServerEngine,
+    TemplateRefused,
+    TGIEngine,
+    TransformersEngine,
+)
 from pipeline.io import write_json
 from pipeline.llamacpp import LlamaCpp
 from pipeline.serving import free_port, http_json, http_sse, serve_gguf, serve_llama_server, wait_until_up
@@ -238,14 +245,18 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
         )
     with serve_llama_server(gguf, log_dir / "llama-server-no-jinja.log", llamacpp, ("--no-jinja",)) as base_url:
         builtin = engine_parity(LlamaServerEngine(base_url, "llama-server --no-jinja"), prompts, tokenizer)
-    section["builtin_no_jinja"] = {
-        "status": "measured",
-        "note": "llama.cpp's built-in chat format (--no-jinja, llama_chat_apply_template), not Meta's layout",
-        "equal": builtin["equal"],
-        "cases": builtin["cases"],
-        "divergent_cases": [d["case"] for d in builtin["divergences"]],
-        "injection": builtin["injection"],
-    }
+    c_api = LlamaCppBuiltinEngine(gguf)
+    builtin_c_api = engine_parity(c_api, prompts, tokenizer)
+    c_api.llama.close()
+    for key, measured in (("builtin_no_jinja", builtin), ("builtin_c_api", builtin_c_api)):
+        section[key] = {
+            "status": "measured",
+            "note": "llama.cpp's built-in chat format (--no-jinja, llama_chat_apply_template), not Meta's layout",
+            "equal": measured["equal"],
+            "cases": measured["cases"],
+            "divergent_cases": [d["case"] for d in measured["divergences"]],
+            "injection": measured["injection"],
+        }
     statuses = [section["parity"]["status"], section["non_streaming"]["status"], section["streaming"]["status"]]
     section["status"] = "fail" if "fail" in statuses else "pass"
     return section
@@ -448,6 +459,8 @@ def format_report(report: dict) -> str:
         row(f"llama-server {commit} {mode}", native[mode]["status"], answers(native[mode]))
     b = native["builtin_no_jinja"]
     row(f"llama-server {commit} --no-jinja (built-in format)", b["status"], f"{b['equal']}/{b['cases']} equal Meta's ids")
+    b = native["builtin_c_api"]
+    row("llama_chat_apply_template (C API, built-in format)", b["status"], f"{b['equal']}/{b['cases']} equal Meta's ids")
     tgi = report["tgi"]
     row("TGI live", tgi["status"], tgi.get("reason", "; ".join(tgi.get("failures", []))))
     lines.append(

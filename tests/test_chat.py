@@ -19,7 +19,14 @@ import sentencepiece as spm
 
 from pipeline.chat import DialogError, encode_dialog
 from pipeline.data import parse_guanaco_text
-from pipeline.engines import LlamaCppEngine, LlamaServerEngine, TemplateRefused, TGIEngine, TransformersEngine
+from pipeline.engines import (
+    LlamaCppBuiltinEngine,
+    LlamaCppEngine,
+    LlamaServerEngine,
+    TemplateRefused,
+    TGIEngine,
+    TransformersEngine,
+)
 from pipeline.serving import serve_llama_server
 from pipeline.tokenizer import load_tokenizer
 
@@ -608,3 +615,34 @@ def test_rendered_template_must_be_tokenized_without_special_tokens(project_toke
     assert doubled[1:] == meta_reference_ids(sp, messages)
     single = project_tokenizer(text, add_special_tokens=False).input_ids
     assert single == meta_reference_ids(sp, messages) == encode_dialog(messages, project_tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp's built-in formats: measured, not Meta's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server_no_jinja(llama2_random_gguf, llamacpp, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("llama-server-no-jinja") / "server.log"
+    with serve_llama_server(llama2_random_gguf, log_path, llamacpp, ("--no-jinja", "--no-prefill-assistant")) as url:
+        yield LlamaServerEngine(url, "llama-server --no-jinja")
+
+
+def test_builtin_format_is_one_layout_and_not_metas(llama_server_no_jinja, llama2_vocab_gguf, guanaco_records, sp):
+    """`llama-server --no-jinja` and the C API `llama_chat_apply_template` give the same ids (one
+    built-in layout, picked from the template's text), and those are not Meta's: the README's counts."""
+    c_api = LlamaCppBuiltinEngine(llama2_vocab_gguf)
+    dialogs = list(DIALOGS.values()) + [guanaco_dialog(r) for r in guanaco_records]
+    equal_to_meta = 0
+    for messages in dialogs:
+        server_ids = llama_server_no_jinja.chat_ids(messages)
+        assert c_api.chat_ids(messages) == server_ids, messages
+        equal_to_meta += server_ids == meta_reference_ids(sp, messages)
+    c_api.llama.close()
+    assert len(dialogs) == 980
+    print(f"built-in layout equal to Meta on {equal_to_meta} of {len(dialogs)} dialogs")
+    assert equal_to_meta < len(dialogs) // 10, f"{equal_to_meta} of {len(dialogs)}: update the README's counts"
+    # The layout's own mark: no space between [/INST] and the answer, where Meta has one.
+    rendered = c_api.render([user("Hi"), assistant("Hello"), user("Bye")])
+    assert "[/INST]Hello</s>" in rendered

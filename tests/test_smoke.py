@@ -270,10 +270,13 @@ def test_report_llama_server_is_llamacpp_itself_with_meta_ids(report, cfg):
 @pytest.mark.slow
 def test_report_llama_server_builtin_format_is_measured_not_passed(report):
     """`--no-jinja` is llama.cpp's built-in Llama-2 layout, not Meta's: counts, never a pass."""
-    builtin = report["llama_server"]["builtin_no_jinja"]
-    assert builtin["status"] == "measured"
-    assert 0 <= builtin["equal"] < builtin["cases"], builtin
-    assert len(builtin["divergent_cases"]) == builtin["cases"] - builtin["equal"]
+    for key in ("builtin_no_jinja", "builtin_c_api"):
+        builtin = report["llama_server"][key]
+        assert builtin["status"] == "measured"
+        assert 0 <= builtin["equal"] < builtin["cases"], builtin
+        assert len(builtin["divergent_cases"]) == builtin["cases"] - builtin["equal"]
+    # One built-in layout: the server's --no-jinja path is the C API.
+    assert report["llama_server"]["builtin_no_jinja"]["divergent_cases"] == report["llama_server"]["builtin_c_api"]["divergent_cases"]
 
 
 @pytest.mark.slow
