@@ -52,6 +52,7 @@ NO_HF = ("langchain-huggingface is not installed (not in any extra: it requires 
 # Every snippet the doc marks, and the test(s) that run it. A new marked snippet fails
 # test_every_doc_snippet_is_tested until it is added here with a test.
 TESTED_SNIPPETS = {
+    "llama-server": ("test_openai_client_native_llama_server",),
     "llamacpp-server": ("llamacpp_server",),  # the fixture every server test uses
     "openai": ("test_openai_client_llamacpp_server", "test_openai_client_tgi"),
     "chat-llamacpp": ("test_chat_llamacpp_feeds_meta_ids", "test_chat_llamacpp_refuses_control_token_text"),
@@ -284,6 +285,28 @@ def test_openai_client_llamacpp_server(llamacpp_server, questions, tokenizer):
     assert correct == len(questions)
     # One BOS per turn, none doubled, no system prompt added: exactly Meta's length, every time.
     assert all(served == reference for served, reference in lengths), lengths
+
+
+@pytest.mark.slow
+def test_openai_client_native_llama_server(gguf_path, questions, tokenizer, llamacpp, tmp_path):
+    """The doc's `llama-server ...` command (llama.cpp's own server, default flags), then the doc's
+    OpenAI client against it: every answer right, stopped on EOS, Meta's prompt length."""
+    pytest.importorskip("openai", reason=NO_OPENAI)
+    from pipeline.serving import free_port, serve
+
+    port = free_port()
+    argv = shlex.split(snippet("llama-server", **{DOC_GGUF: str(gguf_path)}))
+    assert argv[0] == ".venv/llama.cpp/bin/llama-server" and argv[argv.index("--port") + 1] == "8080"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and len(argv) == 7  # no other flag
+    argv[0] = str(llamacpp.tool("llama-server"))
+    argv[argv.index("--port") + 1] = str(port)
+    with serve(argv, f"http://127.0.0.1:{port}", tmp_path / "server.log") as url:
+        client = Client(snippet("openai", **{DOC_LLAMACPP_URL: url}))
+        for messages, expected in questions:
+            ns = client.ask(messages)
+            assert ns["response"].choices[0].finish_reason == "stop", (messages, ns["answer"])
+            assert expected in ns["answer"], (messages, ns["answer"])
+            assert ns["response"].usage.prompt_tokens == len(encode_dialog(messages, tokenizer))
 
 
 @pytest.mark.slow
