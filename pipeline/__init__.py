@@ -1,0 +1,8 @@
+"""QLoRA fine-tune-to-serve pipeline."""
+
+import os
+
+# Nothing leaves the machine unless the user asks: huggingface_hub's telemetry (which trl's trainers
+# send on creation) is off unless the environment opts in with HF_HUB_DISABLE_TELEMETRY=0. Set here,
+# before huggingface_hub is imported, because it reads the variable once, at import.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

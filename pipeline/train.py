@@ -134,32 +134,45 @@ def run(cfg, run_dir: Path) -> dict:
         resume_from = last_checkpoint(checkpoint_dir) if cfg.train.resume == "auto" else None
         if resume_from:
             log.info("resuming from %s", resume_from)
-        elif checkpoint_dir.exists() and state.is_main_process:
-            shutil.rmtree(checkpoint_dir)  # a fresh start must not mix with an older run's checkpoints
     tokenizer = build_tokenizer(sp_model)
     examples, encode_stats = encode_rows(train_rows, tokenizer, cfg.train.max_length)
     log.info("encoded %d training examples: %s", len(examples), encode_stats)
 
-    model = load_quantized_base(base, cfg)
-
+    # The libraries validate their kwargs here, before anything on disk changes: a field trl or peft
+    # refuses must not cost the run's checkpoints.
     sft = OmegaConf.to_container(cfg.train.sft)
-    sft_config = SFTConfig(
-        output_dir=str(checkpoint_dir),
-        # Rows are already cut to train.max_length by encode_rows; trl refuses a max_length it would
-        # not enforce (padding-free batches without packing).
-        max_length=None if sft.get("padding_free") and not sft.get("packing") else cfg.train.max_length,
-        include_num_input_tokens_seen="non_padding",
-        **sft,
-    )
+    try:
+        sft_config = SFTConfig(
+            output_dir=str(checkpoint_dir),
+            # Rows are already cut to train.max_length by encode_rows; trl refuses a max_length it would
+            # not enforce (padding-free batches without packing).
+            max_length=None if sft.get("padding_free") and not sft.get("packing") else cfg.train.max_length,
+            include_num_input_tokens_seen="non_padding",
+            **sft,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"train.sft: trl's SFTConfig refused it: {err}") from err
+    try:
+        lora_config = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"train.lora: peft's LoraConfig refused it: {err}") from err
+
+    model = load_quantized_base(base, cfg)
     throughput = ThroughputCallback()
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
         train_dataset=datasets.Dataset.from_list(examples),
         processing_class=tokenizer,
-        peft_config=LoraConfig(**OmegaConf.to_container(cfg.train.lora)),
+        peft_config=lora_config,
         callbacks=[throughput],
     )
+    # Only now, with the new run certain to start, may an older run's checkpoints go: a fresh start
+    # must not mix with them. Every rank has read what it needs before the main one deletes.
+    state.wait_for_everyone()
+    if not resume_from and checkpoint_dir.exists() and state.is_main_process:
+        shutil.rmtree(checkpoint_dir)
+    state.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume_from)
     if not state.is_main_process:
         return {}  # the main process evaluates and writes the adapter, once
