@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.config import register
+from pipeline.config import check_settings, register
 from pipeline.convert import OUTTYPES
 
 log = logging.getLogger("pipeline")
@@ -133,6 +134,7 @@ def main(cfg: DictConfig) -> None:
     if unknown:
         sys.exit(f"stage={unknown[0]} is not implemented yet; available: {', '.join(STAGES)} or all")
     try:
+        check_settings(cfg)
         for name in names:
             run_stage(name, cfg, run_dir)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
@@ -151,5 +153,25 @@ def print_summary(run_dir: Path) -> None:
         print(f"\nFidelity ladder ({run_dir}, eval set, assistant tokens):\n{format_table(rows)}")
 
 
+def check_run_dir_argument(overrides: list[str]) -> None:
+    """Hydra opens `run_dir/__main__.log` and writes `run_dir/.hydra` before `main` runs, so a run_dir
+    that is a file or cannot be written to would end in Hydra's traceback: say it in one line first."""
+    value = next((arg.split("=", 1)[1] for arg in overrides if arg.lstrip("+").startswith("run_dir=")), None)
+    if value is None:
+        return  # the default: a new timestamped directory under outputs/
+    run_dir = Path(value)
+    if run_dir.exists() and not run_dir.is_dir():
+        sys.exit(f"error: run_dir={run_dir}: exists and is not a directory")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # a write probe, removed at once
+            pass
+    except OSError as err:
+        sys.exit(f"error: run_dir={run_dir}: cannot write to {existing}: {err.strerror}")
+
+
 if __name__ == "__main__":
+    check_run_dir_argument(sys.argv[1:])
     main()

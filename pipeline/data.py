@@ -82,6 +82,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from err
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from err
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON array of rows")
         for index, row in enumerate(rows):
@@ -152,5 +155,14 @@ def run(cfg, run_dir: Path) -> dict:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a jsonl file the pipeline wrote; a damaged line is named by file and line number."""
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rows.append(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise DataError(f"{path}:{number}: not a JSON row ({err}); rerun the stage that wrote it") from err
+    return rows

@@ -544,12 +544,6 @@ def test_read_only_run_dir_fails_and_changes_nothing(read_only_run):
     assert after == before  # nothing written, nothing removed, hidden files included
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "conf/config.yaml sets hydra.run.dir=${run_dir}, so Hydra opens run_dir/__main__.log and writes "
-    "run_dir/.hydra before pipeline/__main__.py main() runs: a read-only run dir ends in a 30-line Hydra "
-    "traceback ('ValueError: Unable to configure handler file') instead of the pipeline's one-line "
-    "'error: ...'"
-))  # fmt: skip
 def test_read_only_run_dir_error_is_one_clean_line(read_only_run):
     _, result, _, _ = read_only_run
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

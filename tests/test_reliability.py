@@ -78,3 +78,83 @@ def test_the_converter_dies_with_a_killed_pipeline(tiny_run, tmp_path):
         if pipeline.poll() is None:
             pipeline.kill()
     assert not list(Path(run_dir / "gguf").glob("*.gguf")), "a GGUF was finished under its final name"
+
+
+# Settings out of range: one line naming the key and what it expects, before any stage runs.
+OUT_OF_RANGE = [
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5: expected 0 <= x < 1"),
+    ("data.eval_fraction=-0.1", "data.eval_fraction=-0.1: expected 0 <= x < 1"),
+    ("data.max_eval_rows=-1", "data.max_eval_rows=-1: expected 0 or more"),
+    ("train.max_length=0", "train.max_length=0: expected a positive number"),
+    ("train.max_length=-5", "train.max_length=-5: expected a positive number"),
+    ("train.sft.max_steps=0", "train.sft.max_steps=0: expected a positive number of steps"),
+    ("train.sft.max_steps=-7", "train.sft.max_steps=-7: expected a positive number of steps"),
+    ("merge.dtype=float99", "merge.dtype=float99: expected one of float16, bfloat16, float32"),
+    ("merge.check_rows=0", "merge.check_rows=0: expected a positive number"),
+    ("export.outtype=f8", "export.outtype=f8: expected one of f16, bf16, q8_0, f32"),
+    ("export.quants=[]", "export.quants=[]: expected at least one quant type"),
+    ("export.ladder_rows=0", "export.ladder_rows=0: expected a positive number"),
+    ("smoke.n_ctx=0", "smoke.n_ctx=0: expected a positive number"),
+    ("smoke.max_tokens=-1", "smoke.max_tokens=-1: expected a positive number"),
+    ("data.synthetic.train_rows=0", "data.synthetic.train_rows=0: expected a positive number"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_a_setting_out_of_range_is_one_line_before_anything_runs(override, message, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}", override, check=False)
+    assert result.returncode != 0
+    assert last_line(result.stderr).startswith(f"error: {message}"), result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "data").exists(), "the data stage ran"
+
+
+@pytest.mark.parametrize("kind", ["a regular file", "an immutable directory"])
+def test_an_unusable_run_dir_is_one_line_before_hydra_writes(kind, tmp_path):
+    if kind == "a regular file":
+        run_dir = tmp_path / "run"
+        run_dir.write_text("not a directory")
+        expected = "exists and is not a directory"
+    else:
+        from test_export import make_read_only
+
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        undo = make_read_only(run_dir)
+        expected = "cannot write to"
+    try:
+        result = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    finally:
+        if kind != "a regular file":
+            undo()
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: run_dir={run_dir}: " + result.stderr.strip().split(": ", 2)[2]
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    if kind == "a regular file":
+        assert run_dir.read_text() == "not a directory"
+    else:
+        assert list(run_dir.iterdir()) == []
+
+
+def test_a_damaged_line_in_the_run_data_names_file_and_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
+    train = run_dir / "data" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[6] = lines[6][: len(lines[6]) // 2]  # line 7 cut in half
+    train.write_text("\n".join(lines) + "\n")
+    result = run_pipeline("stage=train", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    assert result.returncode != 0
+    assert last_line(result.stderr).startswith(f"error: {train}:7: not a JSON row"), result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_utf8_in_a_json_data_file_names_the_file(tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_bytes(b'[\n{"text": "### Human: hi ### Assistant: ok"},\n{"text": "caf\xe9"}\n]\n')
+    result = run_pipeline("stage=data", f"data.path={data}", f"run_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0
+    assert last_line(result.stderr).startswith(f"error: {data}:3: not UTF-8"), result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
