@@ -133,6 +133,8 @@ def main(cfg: DictConfig) -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         sys.exit(f"stage={unknown[0]} is not implemented yet; available: {', '.join(STAGES)} or all")
+    if cfg.model.trust_remote_code:
+        warn_remote_code(cfg)
     try:
         check_settings(cfg)
         for name in names:
@@ -142,6 +144,23 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print_summary(run_dir)
+
+
+def warn_remote_code(cfg: DictConfig) -> None:
+    """model.trust_remote_code=true runs Python that comes with the model: say whose, and which files."""
+    import json
+
+    source = cfg.model.name_or_path or "the tiny base (model=tiny)"
+    config_file = Path(str(cfg.model.name_or_path or "")) / "config.json"
+    auto_map = json.loads(config_file.read_text()).get("auto_map") if config_file.is_file() else None
+    modules = sorted({str(v).split(".")[0] + ".py" for v in (auto_map or {}).values()})
+    what = ", ".join(modules) if modules else "the modules its config.json names in auto_map"
+    message = (
+        f"model.trust_remote_code=true: transformers will execute Python code from {source}"
+        f"{'@' + cfg.model.revision if cfg.model.revision else ''} ({what}) in train, merge and convert"
+    )
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def print_summary(run_dir: Path) -> None:

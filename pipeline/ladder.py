@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=2)
-def merged_reference(run_dir: Path, rows: int, max_length: int):
+def merged_reference(run_dir: Path, rows: int, max_length: int, trust_remote_code: bool):
     """(eval sequences, merged model logits), computed once per process."""
     import torch
 
@@ -22,13 +22,16 @@ def merged_reference(run_dir: Path, rows: int, max_length: int):
 
     merged = run_dir / "merged"
     sequences = eval_sequences(read_jsonl(run_dir / "data" / "eval.jsonl"), load_tokenizer(merged), rows, max_length)
-    return sequences, hf_logits(load_full_precision(merged, torch.float32), sequences)
+    model = load_full_precision(merged, torch.float32, trust_remote_code=trust_remote_code)
+    return sequences, hf_logits(model, sequences)
 
 
 def gguf_rung(cfg, run_dir: Path, gguf: Path) -> dict:
     from pipeline.fidelity import compare, llamacpp_logits, perplexity
 
-    sequences, reference = merged_reference(run_dir, cfg.export.ladder_rows, cfg.train.max_length)
+    sequences, reference = merged_reference(
+        run_dir, cfg.export.ladder_rows, cfg.train.max_length, cfg.model.trust_remote_code
+    )
     logits = llamacpp_logits(gguf, sequences)
     rung = {"perplexity": perplexity(logits, sequences), **compare(logits, reference)}
     type_name = gguf.stem.rsplit("-", 1)[-1]

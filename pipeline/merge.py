@@ -102,13 +102,13 @@ def check_adapter_fits(deltas: dict, base_files: list[Path]) -> None:
                              f"the adapter's delta is {delta_shape}")  # fmt: skip
 
 
-def quantized_linear_names(base_dir: Path) -> set[str]:
+def quantized_linear_names(base_dir: Path, trust_remote_code: bool) -> set[str]:
     """Weights that bitsandbytes quantized in training: every nn.Linear but the output head."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_dir)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skip = {"lm_head"}  # transformers keeps the output embedding in full precision
     return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
 
@@ -194,12 +194,14 @@ def merge_weights(base_files: list[Path], deltas: dict, out_dir: Path, dtype: to
     return {"tensors_merged": merged, "shards": len(shards)}
 
 
-def write_config_files(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+def write_config_files(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, trust_remote_code: bool
+) -> None:
     from transformers import AutoConfig, GenerationConfig
 
     from pipeline.tokenizer import load_tokenizer
 
-    config = AutoConfig.from_pretrained(base_dir)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     config.dtype = dtype
     config.save_pretrained(out_dir)
     tokenizer = load_tokenizer(adapter_dir)
@@ -221,10 +223,12 @@ def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):
     return PeftModel.from_pretrained(load_quantized_base(base, cfg), str(adapter_dir))
 
 
-def load_full_precision(path, dtype, adapter_dir: Path | None = None):
+def load_full_precision(path, dtype, adapter_dir: Path | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code
+    )
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -255,32 +259,34 @@ def run(cfg, run_dir: Path) -> dict:
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
     figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
 
-    quantized_names = quantized_linear_names(base_dir)
+    remote_code = cfg.model.trust_remote_code
+    quantized_names = quantized_linear_names(base_dir, remote_code)
 
     def merge_to(out_dir: Path, mode: str) -> dict:
         roundtrip = quantized_names if mode == "nf4_roundtrip" else set()
         stats = merge_weights(base_files, deltas, out_dir, dtype, parse_size(cfg.merge.max_shard_size),
                               roundtrip, quantization)  # fmt: skip
-        write_config_files(base_dir, adapter_dir, out_dir, dtype)
+        write_config_files(base_dir, adapter_dir, out_dir, dtype, remote_code)
         return stats
 
     if cfg.merge.compare_bases:  # the evidence behind the default of merge.base
         other = "original" if mode == "nf4_roundtrip" else "nf4_roundtrip"
         with atomic_dir(run_dir / ".merge-compare") as tmp:
             merge_to(tmp, other)
-            figures[f"merged_{other}"] = compare(hf_logits(load_full_precision(tmp, dtype), sequences), trained_logits)
+            other_logits = hf_logits(load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences)
+            figures[f"merged_{other}"] = compare(other_logits, trained_logits)
         shutil.rmtree(run_dir / ".merge-compare")
 
     with atomic_dir(run_dir / "merged") as tmp:
         stats = merge_to(tmp, mode)
-        merged_logits = hf_logits(load_full_precision(tmp, dtype), sequences)
+        merged_logits = hf_logits(load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences)
         figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
         figures["merged"] = {"perplexity": perplexity(merged_logits, sequences), "top1_agreement_with_merged": 1.0}
         figures["4bit_adapter"]["top1_agreement_with_merged"] = compare(trained_logits, merged_logits)["top1_agreement"]
 
         # Self-check: the merged weights must compute what they claim to fold.
         if mode == "original":
-            reference = hf_logits(load_full_precision(base_dir, dtype, adapter_dir), sequences)
+            reference = hf_logits(load_full_precision(base_dir, dtype, adapter_dir, remote_code), sequences)
             reference_name = "full-precision base + adapter (unmerged)"
         else:
             reference, reference_name = trained_logits, "4-bit base + adapter"

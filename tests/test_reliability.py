@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -158,3 +159,74 @@ def test_invalid_utf8_in_a_json_data_file_names_the_file(tmp_path):
     assert result.returncode != 0
     assert last_line(result.stderr).startswith(f"error: {data}:3: not UTF-8"), result.stderr[-1500:]
     assert "Traceback" not in result.stderr
+
+
+PROBE_CONFIG = """
+from pathlib import Path
+from transformers import LlamaConfig
+
+Path({marker!r}).write_text("yes")  # the remote code ran (transformers runs a copy of this file)
+
+
+class ProbeConfig(LlamaConfig):
+    model_type = "probe_llama"
+"""
+PROBE_MODEL = """
+from transformers import LlamaForCausalLM
+from .configuration_probe import ProbeConfig
+
+
+class ProbeForCausalLM(LlamaForCausalLM):
+    config_class = ProbeConfig
+"""
+
+
+@pytest.fixture
+def remote_code_base(tmp_path) -> Path:
+    """A local base whose config.json needs its own Python (auto_map), as hub repos with custom code do."""
+    from transformers import LlamaConfig
+
+    base = tmp_path / "probe-base"
+    LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(
+        model_type="probe_llama",
+        auto_map={
+            "AutoConfig": "configuration_probe.ProbeConfig",
+            "AutoModelForCausalLM": "modeling_probe.ProbeForCausalLM",
+        },
+    )
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "configuration_probe.py").write_text(PROBE_CONFIG.format(marker=str(base / "executed")))
+    (base / "modeling_probe.py").write_text(PROBE_MODEL)
+    return base
+
+
+def test_merge_loads_honour_trust_remote_code(remote_code_base):
+    """merge's config and model loads take model.trust_remote_code: refused without it, run with it."""
+    from pipeline.merge import quantized_linear_names
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        quantized_linear_names(remote_code_base, trust_remote_code=False)
+    assert not (remote_code_base / "executed").exists()
+    names = quantized_linear_names(remote_code_base, trust_remote_code=True)
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
+    assert (remote_code_base / "executed").is_file()
+
+
+def test_trust_remote_code_names_what_will_run(remote_code_base, tmp_path):
+    result = run_pipeline(
+        "stage=data", "experiment=tiny", f"run_dir={tmp_path / 'run'}", "model.trust_remote_code=true",
+        f"model.name_or_path={remote_code_base}", check=False,
+    )  # fmt: skip
+    warning = next(
+        (line for line in result.stderr.splitlines() if line.startswith("warning: model.trust_remote_code")),
+        "",
+    )
+    assert (
+        str(remote_code_base) in warning
+        and "configuration_probe.py" in warning
+        and "modeling_probe.py" in warning
+    )
