@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, check_safetensors
 from pipeline.llamacpp import LlamaCpp
 from pipeline.processes import die_with_parent
 
@@ -97,6 +97,8 @@ def run(cfg, run_dir: Path) -> dict:
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file():
         raise FileNotFoundError(f"{merged} not found or incomplete: run stage=merge first")
+    for shard in sorted(merged.glob("*.safetensors")):
+        check_safetensors(shard)
     tokenizer = load_tokenizer(merged)
     outfile = gguf_path(cfg, run_dir, OUTTYPES[cfg.export.outtype])
     checked = {}

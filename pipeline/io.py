@@ -71,3 +71,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail, naming the file, unless it holds a whole safetensors header and every tensor's bytes (a
+    truncated shard would otherwise surface as a reader's 'mmap length is greater than file size')."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            raise ValueError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as err:
+            raise ValueError(f"{path}: damaged safetensors header ({err})") from err
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(f"{path}: truncated: {size} bytes, its header describes {8 + header_len + end}")

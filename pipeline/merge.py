@@ -74,6 +74,21 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
     return config, deltas
 
 
+def local_base(base: str, adapter_dir: Path, run_dir: Path) -> str:
+    """The adapter's base: a hub id, or a local directory. A local path that is gone is never taken
+    for a hub id: the tiny base moves with its run dir, anything else is an error naming it."""
+    path = Path(base)
+    if path.is_dir() or not (path.is_absolute() or base.startswith((".", "~"))):
+        return base
+    if path.name == "base" and (run_dir / "base").is_dir():  # model=tiny: built into run_dir/base
+        log.info("the adapter's base %s is gone; using %s (the run dir was moved)", base, run_dir / "base")
+        return str(run_dir / "base")
+    raise MergeError(
+        f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
+        "does not exist (moved or deleted?): restore it, or retrain"
+    )
+
+
 def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, list[Path]]:
     """(directory, safetensors files) of the base model; never pickled .bin checkpoints."""
     base_dir = Path(base)
@@ -244,7 +259,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     adapter_dir = run_dir / "adapter"
     adapter_config, deltas = load_adapter(adapter_dir)
-    base = adapter_config["base_model_name_or_path"]
+    base = local_base(adapter_config["base_model_name_or_path"], adapter_dir, run_dir)
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
     check_adapter_fits(deltas, base_files)
     dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value

@@ -230,3 +230,44 @@ def test_trust_remote_code_names_what_will_run(remote_code_base, tmp_path):
         and "configuration_probe.py" in warning
         and "modeling_probe.py" in warning
     )
+
+
+def copy_of(tiny_run: Path, tmp_path: Path, *parts: str) -> Path:
+    run_dir = tmp_path / "run"
+    for part in parts:
+        shutil.copytree(tiny_run / part, run_dir / part)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_truncated_merged_shard_is_named_before_converting(tiny_run, tmp_path):
+    run_dir = copy_of(tiny_run, tmp_path, "merged", "data")
+    shard = sorted((run_dir / "merged").glob("*.safetensors"))[-1]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    result = run_pipeline("stage=convert", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    assert result.returncode != 0
+    assert last_line(result.stderr).startswith(f"error: {shard}: truncated"), result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "gguf").exists() or not list((run_dir / "gguf").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gone", ["moved-run/base", "somewhere/else"])
+def test_an_adapter_whose_local_base_is_gone(gone, tiny_run, tmp_path):
+    """The tiny run's adapter names its base by absolute path; after the run dir moves, that path is
+    gone. It is never taken for a hub id: the run's own base/ is used, anything else is named."""
+    run_dir = copy_of(tiny_run, tmp_path, "adapter", "base", "data")
+    adapter_config = run_dir / "adapter" / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / gone)
+    adapter_config.write_text(json.dumps(config))
+    result = run_pipeline("stage=merge", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    if gone.endswith("/base"):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (run_dir / "merged" / "config.json").is_file()
+    else:
+        assert result.returncode != 0
+        line = last_line(result.stderr)
+        assert line.startswith(f"error: {adapter_config}: base_model_name_or_path {tmp_path / gone}"), line
+        assert "Traceback" not in result.stderr and "huggingface" not in line.lower()
