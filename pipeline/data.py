@@ -92,7 +92,13 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for index, row in enumerate(pq.read_table(path).to_pylist()):
+        import pyarrow
+
+        try:
+            table = pq.read_table(path)
+        except pyarrow.ArrowInvalid as err:
+            raise DataError(f"{path}: not a parquet file ({err})") from err
+        for index, row in enumerate(table.to_pylist()):
             yield f"{path} row {index}", row
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}: expected .jsonl, .json or .parquet")

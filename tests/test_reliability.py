@@ -271,3 +271,65 @@ def test_an_adapter_whose_local_base_is_gone(gone, tiny_run, tmp_path):
         line = last_line(result.stderr)
         assert line.startswith(f"error: {adapter_config}: base_model_name_or_path {tmp_path / gone}"), line
         assert "Traceback" not in result.stderr and "huggingface" not in line.lower()
+
+
+# Missing or wrong inputs, stage by stage: (overrides, what the one-line error must contain).
+# `{run}` is the run dir (with the data stage's output in it), `{tmp}` a scratch directory.
+MISSING_INPUTS = {
+    "train without data": (
+        ["stage=train", "run_dir={tmp}/empty"],
+        "train.jsonl not found: run stage=data first",
+    ),
+    "merge without adapter": (["stage=merge"], "adapter"),
+    "convert without merged": (["stage=convert"], "merged not found or incomplete: run stage=merge first"),
+    "quantize without F16": (["stage=quantize"], "-F16.gguf not found: run stage=convert first"),
+    "smoke without artifacts": (["stage=smoke"], "not found: run the merge/convert/quantize stages first"),
+    "smoke of a missing gguf": (
+        ["stage=smoke", "smoke.hf_dir={tmp}", "smoke.gguf=[{tmp}/nope.gguf]"],
+        "not found",
+    ),
+    "unknown quant type": (["stage=quantize", "export.quants=[Q9_X]"], "unknown quant type 'Q9_X'"),
+    "missing data file": (["stage=data", "data.path={tmp}/nope.jsonl"], "nope.jsonl: data file not found"),
+    "csv data file": (["stage=data", "data.path={tmp}/rows.csv"], "unsupported file type '.csv'"),
+    "empty data file": (["stage=data", "data.path={tmp}/empty.jsonl"], "no usable rows"),
+    "bad guanaco row": (["stage=data", "data.path={tmp}/bad.jsonl"], "bad.jsonl:2"),
+    "parquet that is not parquet": (
+        ["stage=data", "data.path={tmp}/bad.parquet"],
+        "bad.parquet: not a parquet file",
+    ),
+    "a directory as data file": (["stage=data", "data.path={tmp}"], "data file not found"),
+    "non-UTF-8 jsonl line": (["stage=data", "data.path={tmp}/latin1.jsonl"], "latin1.jsonl:1"),
+    "missing tokenizer.model": (["stage=train", "model.tokenizer_path={tmp}/nope.model"], "nope.model"),
+    "llama.cpp not where configured": (
+        ["stage=convert", "llamacpp.dir={tmp}/no-llama.cpp"],
+        "run stage=merge first",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSING_INPUTS), ids=list(MISSING_INPUTS))
+def test_a_missing_or_wrong_input_is_one_line(case, tmp_path):
+    overrides, expected = MISSING_INPUTS[case]
+    run_dir = tmp_path / "run"
+    run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
+    (tmp_path / "rows.csv").write_text("text\nhi\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.parquet").write_text("not parquet at all")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "### Human: caf\xe9 ### Assistant: oui"}\n')
+    good = json.dumps({"text": "### Human: hi ### Assistant: hello"})
+    (tmp_path / "bad.jsonl").write_text(good + "\n" + json.dumps({"text": "no turns at all"}) + "\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = [a.format(tmp=tmp_path, run=run_dir) for a in overrides]
+    if not any(a.startswith("run_dir=") for a in args):
+        args.append(f"run_dir={run_dir}")
+    # A data file is read by the guanaco data config; experiment=tiny would generate its own data.
+    preset = [] if any(a.startswith("data.path=") for a in args) else ["experiment=tiny"]
+    result = run_pipeline(*preset, *args, check=False)
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert line.startswith("error: ") and expected in line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # Hydra's own log and .hydra/ record of the command are not artifacts; any other new file is.
+    after = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
+    written = [p for p in after if p not in before and p.suffix != ".log" and ".hydra" not in p.parts]
+    assert written == [], f"written despite the error: {written}"
