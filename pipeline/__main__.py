@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,7 +87,8 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
-def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
+def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
+    """Run one stage; its wall-clock seconds, or None when it was skipped (or not this rank's)."""
     from pipeline.manifest import Manifest
 
     spec = STAGES[name]
@@ -94,7 +96,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
     # main rank (RANK 0) runs the other stages and writes the manifest.
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main and name != "train":
-        return
+        return None
     if name == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from pipeline.train import process_state
 
@@ -103,11 +105,13 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
     manifest = Manifest(run_dir)
     if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
         log.info("stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name)
-        return
+        return None
     log.info("stage %s: running", name)
+    started = time.monotonic()
     metrics = importlib.import_module(spec.module).run(cfg, run_dir)
+    seconds = round(time.monotonic() - started, 2)
     if not is_main:
-        return
+        return None
     manifest = Manifest(run_dir)  # the stage may have been long; re-read before writing
     manifest.record(
         name,
@@ -116,8 +120,10 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> None:
         stage_config=stage_config,
         full_config=OmegaConf.to_container(cfg, resolve=True),
         metrics=metrics,
+        seconds=seconds,
     )
-    log.info("stage %s: done", name)
+    log.info("stage %s: done in %.1f s", name, seconds)
+    return seconds
 
 
 register()
@@ -135,15 +141,16 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"stage={unknown[0]} is not implemented yet; available: {', '.join(STAGES)} or all")
     if cfg.model.trust_remote_code:
         warn_remote_code(cfg)
+    times = {}
     try:
         check_settings(cfg)
         for name in names:
-            run_stage(name, cfg, run_dir)
+            times[name] = run_stage(name, cfg, run_dir)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         log.error("%s: %s", type(err).__name__, err)  # into run_dir's log
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    print_summary(run_dir)
+    print_summary(run_dir, times)
 
 
 def warn_remote_code(cfg: DictConfig) -> None:
@@ -163,10 +170,14 @@ def warn_remote_code(cfg: DictConfig) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
     from pipeline.ladder import format_table, ladder_table
     from pipeline.manifest import Manifest
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    spent = ", ".join(f"{name} {'skipped' if s is None else f'{s:.1f} s'}" for name, s in times.items())
+    print(f"\nStage times ({run_dir}): {spent}; total {sum(s or 0 for s in times.values()):.1f} s")
     rows = ladder_table(Manifest(run_dir).data)
     if rows:
         print(f"\nFidelity ladder ({run_dir}, eval set, assistant tokens):\n{format_table(rows)}")

@@ -93,7 +93,7 @@ class Manifest:
         return True
 
     def record(self, stage: str, outputs: list[Path], inputs: list[Path], stage_config, full_config,
-               metrics: dict | None = None) -> None:  # fmt: skip
+               metrics: dict | None = None, seconds: float | None = None) -> None:  # fmt: skip
         outputs_hashes = self.hashes(outputs)
         earlier = [rel for rel, a in self.data["artifacts"].items() if a["stage"] == stage and rel not in outputs_hashes]
         for rel in earlier:  # what an earlier run of the stage made stays listed while it is still on disk, unchanged
@@ -108,6 +108,7 @@ class Manifest:
             }
         self.data["stages"][stage] = {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": seconds,  # wall clock of the stage's own work
             "config_hash": config_hash(stage_config),
             "inputs": self.hashes(inputs),
             "outputs": sorted(outputs_hashes),

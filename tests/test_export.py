@@ -613,3 +613,19 @@ def test_convert_killed_mid_write_leaves_no_gguf_then_reruns(convert_killed):
 def test_convert_rerun_removes_the_killed_runs_temporary(convert_killed):
     run_dir, killed_in, _, _ = convert_killed
     assert not temporaries(run_dir / "gguf"), temporaries(run_dir / "gguf")
+
+
+@pytest.mark.slow
+def test_every_stage_records_its_wall_clock_time(tiny_run):
+    stages = json.loads((tiny_run / "manifest.json").read_text())["stages"]
+    assert set(stages) == {"data", "train", "merge", "convert", "quantize", "smoke"}
+    for name, record in stages.items():
+        assert isinstance(record["seconds"], float) and record["seconds"] > 0, (name, record.get("seconds"))
+
+
+def test_the_summary_prints_stage_times(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
+    assert re.search(rf"^Stage times \({re.escape(str(run_dir))}\): data \d+\.\d s; total", first.stdout, re.M), first.stdout
+    again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")  # unchanged: skipped
+    assert "data skipped; total 0.0 s" in again.stdout, again.stdout
