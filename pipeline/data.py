@@ -163,12 +163,8 @@ def run(cfg, run_dir: Path) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a jsonl file the pipeline wrote; a damaged line is named by file and line number."""
     rows = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rows.append(json.loads(raw.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{path}:{number}: not a JSON row ({err}); rerun the stage that wrote it") from err
+    for location, row in read_rows(path):
+        if isinstance(row, Exception):
+            raise DataError(f"{location}: not a JSON row ({row}); rerun the stage that wrote it")
+        rows.append(row)
     return rows

@@ -95,15 +95,11 @@ def install_from_cache(prefix: Path, cmake_args: list[str]) -> dict | None:
 
 
 def download_sdist(dest: Path) -> Path:
-    """llama-cpp-python's sdist from the package index, checked against the pinned sha256."""
-    spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
+    """llama-cpp-python's pinned sdist from the package index (`build` checks its sha256)."""
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--dest", str(dest), spec]  # fmt: skip
+               "--dest", str(dest), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]  # fmt: skip
     subprocess.run(command, check=True)
     (sdist,) = dest.glob("llama_cpp_python-*.tar.gz")
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise RuntimeError(f"{sdist.name}: sha256 {digest}, expected {SDIST_SHA256} ({spec} as pinned)")
     return sdist
 
 
@@ -143,7 +139,7 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
         sdist = Path(sdist) if sdist else download_sdist(work)
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SDIST_SHA256:
-            raise RuntimeError(f"{sdist}: sha256 {digest}, expected {SDIST_SHA256}")
+            raise RuntimeError(f"{sdist}: sha256 {digest}, expected {SDIST_SHA256} (llama-cpp-python=={LLAMA_CPP_PYTHON})")
         with tarfile.open(sdist) as tar:
             tar.extractall(work / "sdist", filter="data")
         (root,) = (work / "sdist").iterdir()

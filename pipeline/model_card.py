@@ -41,7 +41,7 @@ docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-in
 llama.cpp: convert with `python -m pipeline stage=convert` (or llama.cpp's `convert_hf_to_gguf.py`); the GGUF
 carries the same template, and llama.cpp's own `llama-server -m model.gguf` (Jinja on, its default) uses it for
 `/v1/chat/completions`, as does `python -m llama_cpp.server --model model.gguf`. Not `--no-jinja` or
-`--chat-template llama2`: llama.cpp's built-in Llama-2 layout is not Meta's.
+`--chat-template llama2`: llama.cpp's built-in Llama-2 layouts are not Meta's (measured).
 Do not add BOS yourself to a prompt rendered with the template: it is already there.
 The pipeline converts, quantizes and serves with one llama.cpp: commit {llama_cpp_commit}, the tree that
 llama-cpp-python {llama_cpp_python} vendors.
