@@ -50,10 +50,17 @@ def llama_config(size_gb: float):
     fixed = 2 * VOCAB * HIDDEN + HIDDEN  # embed_tokens, lm_head (untied), final norm
     layers = max(1, math.ceil((size_gb * 1e9 / 2 - fixed) / per_layer))
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return config, (fixed + layers * per_layer)
 
 
@@ -70,8 +77,14 @@ def build(work: Path, size_gb: float, shard_size: str) -> dict:
     assert sum(p.numel() for p in model.parameters()) == n_params
     base_dir, adapter_dir = work / "base", work / "adapter"
     model.save_pretrained(base_dir, max_shard_size=shard_size)
-    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        target_modules="all-linear",
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -114,8 +127,9 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
         base_files = sorted(base_dir.glob("*.safetensors"))
         out_dir.mkdir(parents=True)
         max_bytes = project_merge.parse_size(shard_size)
-        stats = project_merge.merge_weights(base_files, deltas, out_dir, torch.float16, max_bytes,
-                                            roundtrip=set(), quantization={})  # fmt: skip
+        stats = project_merge.merge_weights(
+            base_files, deltas, out_dir, torch.float16, max_bytes, roundtrip=set(), quantization={}
+        )
     elif method == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -128,8 +142,13 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
     else:
         raise SystemExit(f"unknown method {method!r}")
     seconds = time.perf_counter() - start
-    return {"method": method, "seconds": seconds, "peak_rss_mb": rss_mb(), "import_rss_mb": import_rss,
-            **stats}  # fmt: skip
+    return {
+        "method": method,
+        "seconds": seconds,
+        "peak_rss_mb": rss_mb(),
+        "import_rss_mb": import_rss,
+        **stats,
+    }
 
 
 def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict:
@@ -137,8 +156,18 @@ def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict
     out_dir = work / f"merged-{method}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(work),
-               "--shard-size", shard_size, "--size-gb", str(size_gb)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        method,
+        "--out",
+        str(work),
+        "--shard-size",
+        shard_size,
+        "--size-gb",
+        str(size_gb),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{method} worker failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -156,17 +185,24 @@ def compare_outputs(work: Path) -> dict:
     from pipeline.merge import load_adapter
 
     def index(directory: Path) -> dict[str, Path]:
-        return {name: f for f in sorted(directory.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
+        return {
+            name: f for f in sorted(directory.glob("*.safetensors")) for name in safe_open(f, "pt").keys()
+        }
 
     def tensor(files: dict[str, Path], name: str) -> torch.Tensor:
         with safe_open(files[name], "pt") as f:
             return f.get_tensor(name)
 
-    project, peft_out, base = index(work / "merged-project"), index(work / "merged-peft"), index(work / "base")
+    project, peft_out, base = (
+        index(work / "merged-project"),
+        index(work / "merged-peft"),
+        index(work / "base"),
+    )
     if set(project) != set(peft_out) or set(project) != set(base):
         raise SystemExit(
             f"tensor names differ: only in project {sorted(set(project) - set(peft_out))[:5]}, only in peft "
-            f"{sorted(set(peft_out) - set(project))[:5]}, base vs project {sorted(set(base) ^ set(project))[:5]}"
+            f"{sorted(set(peft_out) - set(project))[:5]}, "
+            f"base vs project {sorted(set(base) ^ set(project))[:5]}"
         )
     max_diff, differing, max_delta, changed, changed_peft, adapted = 0.0, 0, 0.0, 0, 0, 0
     _, deltas = load_adapter(work / "adapter")
@@ -181,9 +217,15 @@ def compare_outputs(work: Path) -> dict:
         changed += delta > 0
         changed_peft += not torch.equal(y, w)
         adapted += name in deltas
-    return {"tensors": len(project), "adapted_tensors": adapted, "tensors_changed_vs_base": changed,
-            "tensors_changed_vs_base_peft": changed_peft, "max_abs_diff_project_vs_peft": max_diff,
-            "elements_differing_project_vs_peft": differing, "max_abs_delta_vs_base": max_delta}  # fmt: skip
+    return {
+        "tensors": len(project),
+        "adapted_tensors": adapted,
+        "tensors_changed_vs_base": changed,
+        "tensors_changed_vs_base_peft": changed_peft,
+        "max_abs_diff_project_vs_peft": max_diff,
+        "elements_differing_project_vs_peft": differing,
+        "max_abs_delta_vs_base": max_delta,
+    }
 
 
 def table(results: dict[str, dict]) -> str:
@@ -213,7 +255,9 @@ def main() -> None:
         return
     if args.worker:
         out_dir = args.out / f"merged-{args.worker}"
-        print(json.dumps(worker(args.worker, args.out / "base", args.out / "adapter", out_dir, args.shard_size)))
+        print(
+            json.dumps(worker(args.worker, args.out / "base", args.out / "adapter", out_dir, args.shard_size))
+        )
         return
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="merge-memory-")
@@ -223,10 +267,15 @@ def main() -> None:
         for name in ("base", "adapter"):
             if (work / name).exists():
                 shutil.rmtree(work / name)
-        model = run_worker("build", work, args.shard_size, args.size_gb)  # a child too: this process stays small
-        print(f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M "
-              f"params, {model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; adapter r={LORA_R} "
-              f"all-linear, {model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)")  # fmt: skip
+        model = run_worker(
+            "build", work, args.shard_size, args.size_gb
+        )  # a child too: this process stays small
+        print(
+            f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M "
+            f"params, {model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; "
+            f"adapter r={LORA_R} "
+            f"all-linear, {model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)"
+        )
         if model["base_bytes"] < args.size_gb * 1e9:
             raise SystemExit(f"base is {model['base_bytes']} bytes, below --size-gb {args.size_gb}")
 
@@ -234,11 +283,14 @@ def main() -> None:
         for method in ("project", "peft"):
             results[method] = run_worker(method, work, args.shard_size, args.size_gb)
         check = compare_outputs(work)
-        print(f"outputs: {check['tensors']} tensors, same names and shapes; max |project - peft| "
-              f"{check['max_abs_diff_project_vs_peft']:.3g} ({check['elements_differing_project_vs_peft']} "
-              f"elements differ); tensors changed vs the base: project {check['tensors_changed_vs_base']}, peft "
-              f"{check['tensors_changed_vs_base_peft']}, of {check['adapted_tensors']} adapted "
-              f"(max |delta| {check['max_abs_delta_vs_base']:.3g})")  # fmt: skip
+        print(
+            f"outputs: {check['tensors']} tensors, same names and shapes; max |project - peft| "
+            f"{check['max_abs_diff_project_vs_peft']:.3g} ({check['elements_differing_project_vs_peft']} "
+            f"elements differ); tensors changed vs the base: "
+            f"project {check['tensors_changed_vs_base']}, peft "
+            f"{check['tensors_changed_vs_base_peft']}, of {check['adapted_tensors']} adapted "
+            f"(max |delta| {check['max_abs_delta_vs_base']:.3g})"
+        )
         print()
         print(table(results))
         if check["max_abs_diff_project_vs_peft"] > 1e-2:

@@ -68,14 +68,18 @@ def last_line(text: str) -> str:
 
 def build_source(work: Path) -> Path:
     """Data stage via the CLI, then the tiny base via pipeline.tiny, into work/source."""
-    from pipeline.data import read_jsonl
+    from pipeline.rows import read_jsonl
     from pipeline.tiny import build_tiny_base
 
     source = work / "source"
     subprocess.run(
         [sys.executable, "-m", "pipeline", "stage=data", "experiment=tiny", f"run_dir={source}"],
-        cwd=ROOT, env=ENV, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     cfg = compose_tiny(source)
     rows = read_jsonl(source / "data" / "train.jsonl")
     build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, rows, source / "base")
@@ -127,9 +131,18 @@ def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
 def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
     fresh_run_dir(source, run_dir)
     result, extra = measured(
-        [sys.executable, "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}",
-         f"train.sft.max_steps={steps}", "train.eval_max_rows=1", *overrides]
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "stage=train",
+            "experiment=tiny",
+            f"run_dir={run_dir}",
+            f"train.sft.max_steps={steps}",
+            "train.eval_max_rows=1",
+            *overrides,
+        ]
+    )
     if result.returncode != 0:
         return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
     metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
@@ -162,7 +175,7 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.data import read_jsonl
+    from pipeline.rows import read_jsonl
     from pipeline.train import ThroughputCallback
 
     cfg = compose_tiny(run_dir)
@@ -197,14 +210,18 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
         callbacks=[throughput],
     )
     trainer.train()
-    print(json.dumps({
-        "tokens_per_s": throughput.figures["train_tokens_per_s"],
-        "tokens": throughput.figures["train_tokens"],
-        "train_s": throughput.figures["train_seconds"],
-        "steps": trainer.state.global_step,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": throughput.figures["train_tokens_per_s"],
+                "tokens": throughput.figures["train_tokens"],
+                "train_s": throughput.figures["train_seconds"],
+                "steps": trainer.state.global_step,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+            }
+        )
+    )
 
 
 RUNS = {
@@ -221,9 +238,11 @@ def main() -> None:
         "--repeats", type=int, default=2, help="interleaved rounds over all runs; the best counts (default 2)"
     )
     parser.add_argument(
-        "--settle", type=float, default=60.0,
+        "--settle",
+        type=float,
+        default=60.0,
         help="before each run, wait up to this many s for other processes to leave the CPUs (default 60)",
-    )  # fmt: skip
+    )
     parser.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed afterwards)")
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the trl script
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], help=argparse.SUPPRESS)
@@ -266,10 +285,14 @@ def print_table(results: dict[str, list[dict]], steps: int, batch: int) -> None:
         return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
 
     baseline = best(results[BASELINE])
-    print(f"\nTrain throughput, tiny model (experiment=tiny), {steps} steps per run, batch {batch}, "
-          f"{os.cpu_count()} CPUs, best of {len(results[BASELINE])} interleaved round(s)")  # fmt: skip
-    header = (f"{'run':<28} {'tokens/s':>9} {'all rounds':>19} {'tokens':>7} {'train s':>8} "
-              f"{'others':>9} {'vs trl':>7}")  # fmt: skip
+    print(
+        f"\nTrain throughput, tiny model (experiment=tiny), {steps} steps per run, batch {batch}, "
+        f"{os.cpu_count()} CPUs, best of {len(results[BASELINE])} interleaved round(s)"
+    )
+    header = (
+        f"{'run':<28} {'tokens/s':>9} {'all rounds':>19} {'tokens':>7} {'train s':>8} "
+        f"{'others':>9} {'vs trl':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, runs in results.items():
@@ -289,8 +312,10 @@ def print_table(results: dict[str, list[dict]], steps: int, batch: int) -> None:
         "\nvs trl: best tokens/s over the best of the plain trl SFTTrainer baseline (SFTConfig defaults)."
     )
     if baseline:
-        print(f"trl baseline settings: gradient_checkpointing={baseline['gradient_checkpointing']}, "
-              f"optim={baseline['optim']}, loss on all tokens, bf16=False (CPU)")  # fmt: skip
+        print(
+            f"trl baseline settings: gradient_checkpointing={baseline['gradient_checkpointing']}, "
+            f"optim={baseline['optim']}, loss on all tokens, bf16=False (CPU)"
+        )
 
 
 if __name__ == "__main__":

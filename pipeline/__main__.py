@@ -14,77 +14,22 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.config import check_settings, register
-from pipeline.convert import OUTTYPES
+from pipeline.errors import PipelineError
+from pipeline.layout import RunDir
+from pipeline.stages import STAGES
+from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    module: str  # has run(cfg, run_dir) -> metrics
-    config_keys: tuple[str, ...]  # the config keys (groups or dotted keys) that shape its outputs
-    inputs: Callable[[DictConfig, Path], list[Path]]
-    outputs: Callable[[DictConfig, Path], list[Path]]
-    always_run: bool = False
-
-
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
-
-
-def _gguf(cfg, run_dir, type_name):
-    from pipeline.convert import gguf_path
-
-    return gguf_path(cfg, run_dir, type_name)
-
-
-def _data_inputs(cfg, run_dir):
-    return [Path(cfg.data.path)] if cfg.data.path else []
-
-
-def _train_outputs(cfg, run_dir):
-    outputs = [run_dir / "adapter", run_dir / "metrics" / "train.json"]
-    return outputs + ([run_dir / "base"] if cfg.model.tiny is not None else [])
-
-
-STAGES: dict[str, StageSpec] = {
-    "data": StageSpec("pipeline.data", ("data",), _data_inputs, lambda cfg, d: [d / "data"]),
-    "train": StageSpec(
-        "pipeline.train",
-        ("model", "train"),
-        lambda cfg, d: [d / "data" / "train.jsonl", d / "data" / "eval.jsonl"],
-        _train_outputs,
-    ),
-    "merge": StageSpec(
-        "pipeline.merge",
-        ("model", "train", "merge"),
-        lambda cfg, d: [d / "adapter", d / "data" / "eval.jsonl"],
-        lambda cfg, d: [d / "merged", d / "metrics" / "merge.json"],
-    ),
-    "convert": StageSpec(
-        "pipeline.convert",
-        ("export.name", "export.outtype", "export.ladder_rows", "export.min_top1_agreement", "llamacpp"),
-        lambda cfg, d: [d / "merged"],
-        lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
-    ),
-    "quantize": StageSpec(
-        "pipeline.quantize",
-        ("export", "llamacpp"),
-        lambda cfg, d: [_gguf(cfg, d, OUTTYPES[cfg.export.outtype])],
-        lambda cfg, d: [_gguf(cfg, d, q) for q in cfg.export.quants],
-    ),
-    # Always reruns: it checks live engines, whose behaviour is not an input the manifest hashes.
-    "smoke": StageSpec("pipeline.smoke", (), lambda cfg, d: [], lambda cfg, d: [d / "smoke" / "report.json"],
-                       always_run=True),  # fmt: skip
-}
 
 
 def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
@@ -92,19 +37,26 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
     from pipeline.manifest import Manifest
 
     spec = STAGES[name]
+    layout = RunDir.of(cfg, run_dir)
     # Under `accelerate launch` every rank runs this; only training is distributed, and only the
     # main rank (RANK 0) runs the other stages and writes the manifest.
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main and name != "train":
         return None
     if name == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pipeline.train import process_state
+        from pipeline.processes import process_state
 
         process_state().wait_for_everyone()  # rank 0 may still be writing the data stage's output
     stage_config = {key: _plain(OmegaConf.select(cfg, key)) for key in spec.config_keys}
     manifest = Manifest(run_dir)
-    if not cfg.force and not spec.always_run and manifest.is_fresh(name, spec.inputs(cfg, run_dir), stage_config):
-        log.info("stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name)
+    if (
+        not cfg.force
+        and not spec.always_run
+        and manifest.is_fresh(name, spec.inputs(cfg, layout), stage_config)
+    ):
+        log.info(
+            "stage %s: inputs and config unchanged since it last ran, skipped (force=true reruns it)", name
+        )
         return None
     log.info("stage %s: running", name)
     started = time.monotonic()
@@ -115,8 +67,8 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
     manifest = Manifest(run_dir)  # the stage may have been long; re-read before writing
     manifest.record(
         name,
-        outputs=spec.outputs(cfg, run_dir),
-        inputs=spec.inputs(cfg, run_dir),
+        outputs=spec.outputs(cfg, layout),
+        inputs=spec.inputs(cfg, layout),
         stage_config=stage_config,
         full_config=OmegaConf.to_container(cfg, resolve=True),
         metrics=metrics,
@@ -146,11 +98,17 @@ def main(cfg: DictConfig) -> None:
         check_settings(cfg)
         for name in names:
             times[name] = run_stage(name, cfg, run_dir)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
+    except PipelineError as err:  # the project's own: one line that names the file or key
         log.error("%s: %s", type(err).__name__, err)  # into run_dir's log
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    print_summary(run_dir, times)
+    except Exception:
+        # Anything else (CUDA out of memory, NCCL, a library's error, a bug) keeps its whole
+        # traceback: into run_dir's log here, and on stderr when it propagates (exit 1).
+        log.exception("stage failed with an unexpected error; traceback follows")
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(run_dir, times)
 
 
 def warn_remote_code(cfg: DictConfig) -> None:
@@ -168,19 +126,6 @@ def warn_remote_code(cfg: DictConfig) -> None:
     )
     log.warning(message)
     print(f"warning: {message}", file=sys.stderr)
-
-
-def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
-    from pipeline.ladder import format_table, ladder_table
-    from pipeline.manifest import Manifest
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    spent = ", ".join(f"{name} {'skipped' if s is None else f'{s:.1f} s'}" for name, s in times.items())
-    print(f"\nStage times ({run_dir}): {spent}; total {sum(s or 0 for s in times.values()):.1f} s")
-    rows = ladder_table(Manifest(run_dir).data)
-    if rows:
-        print(f"\nFidelity ladder ({run_dir}, eval set, assistant tokens):\n{format_table(rows)}")
 
 
 def check_run_dir_argument(overrides: list[str]) -> None:

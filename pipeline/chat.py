@@ -101,9 +101,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- for message in dialog -%}\n"
     "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
     "{{- raise_exception('roles must alternate user/assistant after an optional system message') -}}"
-    "{%- endif -%}\n"
-    + _STRIP_CONTENT
-    + "{%- if message['role'] == 'user' -%}"
+    "{%- endif -%}\n" + _STRIP_CONTENT + "{%- if message['role'] == 'user' -%}"
     "{{- bos_token + '[INST] ' + text.value + ' [/INST]' -}}"
     "{%- else -%}"
     "{{- ' ' + text.value + ' ' + eos_token -}}"
@@ -158,7 +156,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
 
-def encode_dialog_segments(messages: Sequence[dict[str, Any]], tokenizer) -> list[tuple[list[int], list[int]]]:
+def encode_dialog_segments(
+    messages: Sequence[dict[str, Any]], tokenizer
+) -> list[tuple[list[int], list[int]]]:
     """Per turn, (prompt ids, answer ids): the prompt is BOS + `[INST] ... [/INST]`, the answer is
     ` answer ` + EOS (empty for the open turn at the end). Concatenated, they are `encode_dialog`.
     """
@@ -174,7 +174,9 @@ def encode_dialog_segments(messages: Sequence[dict[str, Any]], tokenizer) -> lis
             exchange = encode_text(tokenizer, f"{B_INST} {user} {E_INST} {answer} ")
             prompt = encode_text(tokenizer, f"{B_INST} {user} {E_INST}")
             if exchange[: len(prompt)] != prompt:  # never with SentencePiece's whitespace splitting
-                raise DialogError(f"the tokenizer merges across '{E_INST}' in turn {i}: prompt and answer cannot be split")
+                raise DialogError(
+                    f"the tokenizer merges across '{E_INST}' in turn {i}: prompt and answer cannot be split"
+                )
             segments.append(([bos] + prompt, exchange[len(prompt) :] + [eos]))
         else:
             segments.append(([bos] + encode_text(tokenizer, f"{B_INST} {user} {E_INST}"), []))

@@ -174,30 +174,41 @@ MERGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def check_settings(cfg) -> None:
-    """Raise ValueError naming the first setting out of its range."""
-    from pipeline.convert import OUTTYPES
+    """Raise ConfigError naming the first setting out of its range."""
+    from pipeline.errors import ConfigError
+    from pipeline.layout import OUTTYPES
 
     def positive(key: str, value) -> str | None:
         return None if value is None or value > 0 else f"{key}={value}: expected a positive number"
 
     problems = [
-        None if 0 <= cfg.data.eval_fraction < 1 else f"data.eval_fraction={cfg.data.eval_fraction}: expected 0 <= x < 1",
-        None if cfg.data.max_eval_rows >= 0 else f"data.max_eval_rows={cfg.data.max_eval_rows}: expected 0 or more",
+        None
+        if 0 <= cfg.data.eval_fraction < 1
+        else f"data.eval_fraction={cfg.data.eval_fraction}: expected 0 <= x < 1",
+        None
+        if cfg.data.max_eval_rows >= 0
+        else f"data.max_eval_rows={cfg.data.max_eval_rows}: expected 0 or more",
         positive("train.max_length", cfg.train.max_length),
         positive("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens),
-        None if cfg.merge.dtype in MERGE_DTYPES else f"merge.dtype={cfg.merge.dtype}: expected one of {', '.join(MERGE_DTYPES)}",
+        None
+        if cfg.merge.dtype in MERGE_DTYPES
+        else f"merge.dtype={cfg.merge.dtype}: expected one of {', '.join(MERGE_DTYPES)}",
         positive("merge.check_rows", cfg.merge.check_rows),
         None
         if cfg.export.outtype in OUTTYPES
         else f"export.outtype={cfg.export.outtype}: expected one of {', '.join(OUTTYPES)}",
-        None if len(cfg.export.quants) > 0 else "export.quants=[]: expected at least one quant type, e.g. [Q4_K_M]",
+        None
+        if len(cfg.export.quants) > 0
+        else "export.quants=[]: expected at least one quant type, e.g. [Q4_K_M]",
         positive("export.ladder_rows", cfg.export.ladder_rows),
         positive("smoke.n_ctx", cfg.smoke.n_ctx),
         positive("smoke.max_tokens", cfg.smoke.max_tokens),
     ]
     max_steps = cfg.train.sft.get("max_steps")
     if max_steps is not None and max_steps != -1 and max_steps <= 0:
-        problems.append(f"train.sft.max_steps={max_steps}: expected a positive number of steps (or -1: by epochs)")
+        problems.append(
+            f"train.sft.max_steps={max_steps}: expected a positive number of steps (or -1: by epochs)"
+        )
     epochs = cfg.train.sft.get("num_train_epochs")
     if epochs is not None and epochs <= 0:
         problems.append(f"train.sft.num_train_epochs={epochs}: expected a positive number")
@@ -206,4 +217,4 @@ def check_settings(cfg) -> None:
             problems.append(positive(f"data.synthetic.{key}", cfg.data.synthetic[key]))
     problem = next((p for p in problems if p), None)
     if problem:
-        raise ValueError(problem)
+        raise ConfigError(problem)

@@ -7,7 +7,6 @@ as in the OpenAssistant eval file); they become alternating user/assistant messa
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -15,16 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.chat import DialogError, check_dialog
-from pipeline.io import atomic_dir, write_jsonl
+from pipeline.errors import DataError
+from pipeline.io import atomic_dir
+from pipeline.layout import RunDir
+from pipeline.rows import read_rows, write_jsonl
 
 log = logging.getLogger(__name__)
 
 TURN_MARKER = re.compile(r"### (Human|Assistant):")
 ROLE_OF_MARKER = {"Human": "user", "Assistant": "assistant"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and row."""
 
 
 def parse_guanaco_text(text: str) -> list[dict[str, str]]:
@@ -59,49 +57,6 @@ def row_to_messages(row: dict, system_prompt: str | None) -> list[dict[str, str]
         messages = [{"role": "system", "content": system_prompt}] + messages
     check_dialog(messages)  # alternation, and no turn-boundary text inside a message
     return messages
-
-
-def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(location, row) pairs of a local jsonl/json/parquet file; location names file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    yield f"{path}:{number}", err  # reported (or skipped) like any bad row
-                    continue
-                yield f"{path}:{number}", row
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from err
-        except UnicodeDecodeError as err:
-            line = path.read_bytes()[: err.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from err
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON array of rows")
-        for index, row in enumerate(rows):
-            yield f"{path} row {index}", row
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        import pyarrow
-
-        try:
-            table = pq.read_table(path)
-        except pyarrow.ArrowInvalid as err:
-            raise DataError(f"{path}: not a parquet file ({err})") from err
-        for index, row in enumerate(table.to_pylist()):
-            yield f"{path} row {index}", row
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}: expected .jsonl, .json or .parquet")
 
 
 def read_hub_rows(hub_id: str, split: str) -> Iterator[tuple[str, dict]]:
@@ -149,22 +104,15 @@ def run(cfg, run_dir: Path) -> dict:
         stats = {"rows_read": len(train_rows) + len(eval_rows), "rows_skipped": 0}
     else:
         dialogs, stats = load_dialogs(cfg.data)
-        train, evals = split_train_eval(dialogs, cfg.data.eval_fraction, cfg.data.max_eval_rows, cfg.data.seed)
+        train, evals = split_train_eval(
+            dialogs, cfg.data.eval_fraction, cfg.data.max_eval_rows, cfg.data.seed
+        )
         train_rows = [{"messages": d} for d in train]
         eval_rows = [{"messages": d} for d in evals]
     stats.update(train_rows=len(train_rows), eval_rows=len(eval_rows))
-    with atomic_dir(run_dir / "data") as tmp:
-        write_jsonl(tmp / "train.jsonl", train_rows)
-        write_jsonl(tmp / "eval.jsonl", eval_rows)
+    layout = RunDir.of(cfg, run_dir)
+    with atomic_dir(layout.data) as tmp:
+        write_jsonl(tmp / layout.train_rows.name, train_rows)
+        write_jsonl(tmp / layout.eval_rows.name, eval_rows)
     log.info("data: %s", stats)
     return stats
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a jsonl file the pipeline wrote; a damaged line is named by file and line number."""
-    rows = []
-    for location, row in read_rows(path):
-        if isinstance(row, Exception):
-            raise DataError(f"{location}: not a JSON row ({row}); rerun the stage that wrote it")
-        rows.append(row)
-    return rows

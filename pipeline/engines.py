@@ -18,6 +18,8 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+from pipeline.errors import DataError
+
 
 class TemplateRefused(ValueError):
     """The chat template raised (for example on turn-boundary text inside a message)."""
@@ -56,7 +58,9 @@ class TGIEngine:
 
         config = _tokenizer_config(hf_dir)
         if not isinstance(config.get("chat_template"), str):
-            raise ValueError(f"{hf_dir}/tokenizer_config.json has no chat_template: TGI would refuse chat requests")
+            raise DataError(
+                f"{hf_dir}/tokenizer_config.json has no chat_template: TGI would refuse chat requests"
+            )
         self.template = config["chat_template"]
         self.bos_token, self.eos_token = config["bos_token"], config["eos_token"]
         self.tokenizer = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
@@ -107,7 +111,9 @@ class LlamaCppEngine:
         self.llama = llama or Llama(model_path=str(gguf), vocab_only=True, verbose=False)
         metadata = self.llama.metadata
         if "tokenizer.chat_template" not in metadata:
-            raise ValueError(f"{gguf}: no tokenizer.chat_template: llama.cpp would fall back to its own layout")
+            raise DataError(
+                f"{gguf}: no tokenizer.chat_template: llama.cpp would fall back to its own layout"
+            )
         self.template = metadata["tokenizer.chat_template"]
 
     @cached_property
@@ -154,7 +160,9 @@ class LlamaCppBuiltinEngine(LlamaCppEngine):
             slot.role, slot.content = role, content
         size = 1 << 20
         buffer = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_chat_apply_template(self.template.encode(), chat, len(messages), True, buffer, size)
+        n = llama_cpp.llama_chat_apply_template(
+            self.template.encode(), chat, len(messages), True, buffer, size
+        )
         if n < 0 or n > size:
             raise TemplateRefused(f"llama_chat_apply_template returned {n}")
         return buffer.raw[:n].decode("utf-8")
@@ -180,7 +188,9 @@ class LlamaServerEngine:
 
         try:
             return http_json(f"{self.base_url}/apply-template", {"messages": messages})["prompt"]
-        except urllib.error.HTTPError as err:  # the template raised: llama-server answers 4xx/5xx with the message
+        except (
+            urllib.error.HTTPError
+        ) as err:  # the template raised: llama-server answers 4xx/5xx with the message
             raise TemplateRefused(f"HTTP {err.code}: {err.read().decode(errors='replace')[:300]}") from err
 
     def chat_ids(self, messages: list[dict]) -> list[int]:

@@ -14,7 +14,9 @@ def eval_prompts(rows: list[dict], limit: int | None = None) -> list[tuple[list[
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, limit: int | None = None) -> dict:
+def answer_accuracy(
+    model, tokenizer, rows: list[dict], max_new_tokens: int, limit: int | None = None
+) -> dict:
     prompts = eval_prompts(rows, limit)
     if not prompts:
         return {"accuracy": None, "checked": 0, "reason": "no eval row carries an expected answer"}

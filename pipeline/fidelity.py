@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.chat import encode_dialog_segments
+from pipeline.examples import fitting_exchanges
 
 
 @dataclass
@@ -25,9 +26,9 @@ def eval_sequences(rows: list[dict], tokenizer, max_rows: int, max_length: int) 
     sequences = []
     for row in rows:
         ids, targets = [], []
-        for prompt, answer in encode_dialog_segments(row["messages"], tokenizer):
-            if len(ids) + len(prompt) + len(answer) > max_length:
-                break
+        for prompt, answer in fitting_exchanges(
+            encode_dialog_segments(row["messages"], tokenizer), max_length
+        ):
             ids += prompt
             targets += range(len(ids) - 1, len(ids) - 1 + len(answer))
             ids += answer
@@ -51,13 +52,21 @@ def hf_logits(model, sequences: list[EvalSequence]) -> list[np.ndarray]:
     return out
 
 
-def llamacpp_logits(gguf_path, sequences: list[EvalSequence], n_threads: int | None = None) -> list[np.ndarray]:
+def llamacpp_logits(
+    gguf_path, sequences: list[EvalSequence], n_threads: int | None = None
+) -> list[np.ndarray]:
     """float32 logits [targets, vocab] computed by llama.cpp from a GGUF."""
     from llama_cpp import Llama
 
     n_ctx = max(len(s.input_ids) for s in sequences)
-    llama = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, 64), logits_all=True, verbose=False,
-                  n_threads=n_threads, seed=0)  # fmt: skip
+    llama = Llama(
+        model_path=str(gguf_path),
+        n_ctx=max(n_ctx, 64),
+        logits_all=True,
+        verbose=False,
+        n_threads=n_threads,
+        seed=0,
+    )
     try:
         out = []
         for seq in sequences:
@@ -93,4 +102,9 @@ def compare(logits: list[np.ndarray], reference: list[np.ndarray]) -> dict:
         max_diff = max(max_diff, float(np.abs(lg - ref).max()))
         agree += int((lg.argmax(-1) == ref.argmax(-1)).sum())
         count += len(lg)
-    return {"kl_per_token": kl / count, "max_abs_logit_diff": max_diff, "top1_agreement": agree / count, "tokens": count}
+    return {
+        "kl_per_token": kl / count,
+        "max_abs_logit_diff": max_diff,
+        "top1_agreement": agree / count,
+        "tokens": count,
+    }

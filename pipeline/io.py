@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import DataError
+
 
 def tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -59,12 +61,6 @@ def write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def write_jsonl(path: Path, rows) -> None:
-    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,11 +77,11 @@ def check_safetensors(path: Path) -> None:
         head = f.read(8)
         header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
         if header_len < 0 or 8 + header_len > size:
-            raise ValueError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+            raise DataError(f"{path}: truncated or not a safetensors file ({size} bytes)")
         try:
             header = json.loads(f.read(header_len))
         except ValueError as err:
-            raise ValueError(f"{path}: damaged safetensors header ({err})") from err
+            raise DataError(f"{path}: damaged safetensors header ({err})") from err
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
-        raise ValueError(f"{path}: truncated: {size} bytes, its header describes {8 + header_len + end}")
+        raise DataError(f"{path}: truncated: {size} bytes, its header describes {8 + header_len + end}")

@@ -7,40 +7,50 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline.errors import CheckFailed
+from pipeline.layout import RunDir, quant_type
+
 log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=2)
-def merged_reference(run_dir: Path, rows: int, max_length: int, trust_remote_code: bool):
+def merged_reference(layout: RunDir, rows: int, max_length: int, trust_remote_code: bool):
     """(eval sequences, merged model logits), computed once per process."""
     import torch
 
-    from pipeline.data import read_jsonl
     from pipeline.fidelity import eval_sequences, hf_logits
-    from pipeline.merge import load_full_precision
+    from pipeline.models import load_full_precision
+    from pipeline.rows import read_jsonl
     from pipeline.tokenizer import load_tokenizer
 
-    merged = run_dir / "merged"
-    sequences = eval_sequences(read_jsonl(run_dir / "data" / "eval.jsonl"), load_tokenizer(merged), rows, max_length)
-    model = load_full_precision(merged, torch.float32, trust_remote_code=trust_remote_code)
+    sequences = eval_sequences(read_jsonl(layout.eval_rows), load_tokenizer(layout.merged), rows, max_length)
+    model = load_full_precision(layout.merged, torch.float32, trust_remote_code=trust_remote_code)
     return sequences, hf_logits(model, sequences)
 
 
-def gguf_rung(cfg, run_dir: Path, gguf: Path) -> dict:
+def gguf_rung(cfg, layout: RunDir, gguf: Path) -> dict:
     from pipeline.fidelity import compare, llamacpp_logits, perplexity
 
     sequences, reference = merged_reference(
-        run_dir, cfg.export.ladder_rows, cfg.train.max_length, cfg.model.trust_remote_code
+        layout, cfg.export.ladder_rows, cfg.train.max_length, cfg.model.trust_remote_code
     )
     logits = llamacpp_logits(gguf, sequences)
     rung = {"perplexity": perplexity(logits, sequences), **compare(logits, reference)}
-    type_name = gguf.stem.rsplit("-", 1)[-1]
+    type_name = quant_type(gguf)
     floor = cfg.export.min_top1_agreement.get(type_name)
-    log.info("%s: top-1 agreement with merged %.4f (floor %s), perplexity %.3f",
-             gguf.name, rung["top1_agreement"], floor, rung["perplexity"])  # fmt: skip
-    if floor is not None and rung["top1_agreement"] < floor:
-        raise ValueError(f"{gguf.name}: top-1 agreement with the merged model {rung['top1_agreement']:.4f} "
-                         f"is below export.min_top1_agreement.{type_name}={floor}")  # fmt: skip
+    agreement = rung["top1_agreement"]
+    log.info(
+        "%s: top-1 agreement with merged %.4f (floor %s), perplexity %.3f",
+        gguf.name,
+        agreement,
+        floor,
+        rung["perplexity"],
+    )
+    if floor is not None and agreement < floor:
+        raise CheckFailed(
+            f"{gguf.name}: top-1 agreement with the merged model {agreement:.4f} "
+            f"is below export.min_top1_agreement.{type_name}={floor}"
+        )
     return rung
 
 
@@ -50,18 +60,29 @@ def ladder_table(manifest_data: dict) -> list[dict]:
     rows = []
     merge = stages.get("merge", {}).get("metrics", {}).get("fidelity", {})
     if merge:
-        rows.append({"artifact": "4-bit base + adapter", "perplexity": merge["4bit_adapter"]["perplexity"],
-                     "top1_agreement_with_merged": merge["4bit_adapter"]["top1_agreement_with_merged"]})  # fmt: skip
-        rows.append({"artifact": "merged", "perplexity": merge["merged"]["perplexity"], "top1_agreement_with_merged": 1.0})
+        adapter = merge["4bit_adapter"]
+        rows.append(
+            {
+                "artifact": "4-bit base + adapter",
+                "perplexity": adapter["perplexity"],
+                "top1_agreement_with_merged": adapter["top1_agreement_with_merged"],
+            }
+        )
+        rows.append(
+            {
+                "artifact": "merged",
+                "perplexity": merge["merged"]["perplexity"],
+                "top1_agreement_with_merged": 1.0,
+            }
+        )
     for stage in ("convert", "quantize"):
         for type_name, rung in stages.get(stage, {}).get("metrics", {}).get("ladder", {}).items():
-            rows.append({"artifact": f"GGUF {type_name}", "perplexity": rung["perplexity"],
-                         "top1_agreement_with_merged": rung["top1_agreement"], "kl_per_token": rung["kl_per_token"]})  # fmt: skip
+            rows.append(
+                {
+                    "artifact": f"GGUF {type_name}",
+                    "perplexity": rung["perplexity"],
+                    "top1_agreement_with_merged": rung["top1_agreement"],
+                    "kl_per_token": rung["kl_per_token"],
+                }
+            )
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'artifact':<22} {'perplexity':>10} {'top-1 vs merged':>16}"]
-    for r in rows:
-        lines.append(f"{r['artifact']:<22} {r['perplexity']:>10.3f} {r['top1_agreement_with_merged']:>16.4f}")
-    return "\n".join(lines)

@@ -28,6 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:  # in the pipeline, its own error family: reported as one line
+    from pipeline.errors import MissingInput, ToolFailed
+except ImportError:  # this file also runs alone (Dockerfile.serve builds llama-server with it)
+    MissingInput, ToolFailed = FileNotFoundError, RuntimeError
+
 # The pinned bindings (pyproject.toml pins the same version) and the sdist they are built from.
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -96,8 +101,19 @@ def install_from_cache(prefix: Path, cmake_args: list[str]) -> dict | None:
 
 def download_sdist(dest: Path) -> Path:
     """llama-cpp-python's pinned sdist from the package index (`build` checks its sha256)."""
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--dest", str(dest), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--dest",
+        str(dest),
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+    ]
     subprocess.run(command, check=True)
     (sdist,) = dest.glob("llama_cpp_python-*.tar.gz")
     return sdist
@@ -108,7 +124,7 @@ def vendored_commit(source: Path) -> str:
     head = source.parent.parent / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
     commit = head.read_text().strip() if head.is_file() else ""
     if commit != LLAMA_CPP_COMMIT:
-        raise RuntimeError(
+        raise ToolFailed(
             f"{head}: vendored llama.cpp commit {commit or 'missing'}, expected {LLAMA_CPP_COMMIT}"
         )
     return commit
@@ -121,7 +137,7 @@ def _run_logged(command: list[str], log_path: Path) -> None:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{command[0]} failed ({result.returncode}); last lines of {log_path}:\n{tail}")
+        raise ToolFailed(f"{command[0]} failed ({result.returncode}); last lines of {log_path}:\n{tail}")
 
 
 def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extra_cmake_args=()) -> dict:
@@ -139,7 +155,9 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
         sdist = Path(sdist) if sdist else download_sdist(work)
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SDIST_SHA256:
-            raise RuntimeError(f"{sdist}: sha256 {digest}, expected {SDIST_SHA256} (llama-cpp-python=={LLAMA_CPP_PYTHON})")
+            raise ToolFailed(
+                f"{sdist}: sha256 {digest}, expected {SDIST_SHA256} (llama-cpp-python=={LLAMA_CPP_PYTHON})"
+            )
         with tarfile.open(sdist) as tar:
             tar.extractall(work / "sdist", filter="data")
         (root,) = (work / "sdist").iterdir()
@@ -199,7 +217,7 @@ class LlamaCpp:
 
     def _missing(self, what: str) -> FileNotFoundError:
         where = f"llamacpp.dir={self.directory}" if self.configured else f"{self.directory} (the default)"
-        return FileNotFoundError(
+        return MissingInput(
             f"{what} not found in {where}: build llama.cpp with `python -m pipeline.llamacpp build`, "
             "or set llamacpp.dir= to a llama.cpp install (bin/, convert/) or checkout (build/bin/)"
         )
@@ -239,15 +257,15 @@ class LlamaCpp:
         # "version: 0.5.0-dev (build 1, commit 0c1e570)"
         match = re.search(r"version: (\S+) \(build (\d+), commit ([0-9a-f]+|unknown)\)", text)
         if result.returncode != 0 or not match:
-            raise RuntimeError(
+            raise ToolFailed(
                 f"{self.tool('llama-server')} --version gave no version ({result.returncode}): {text[-300:]}"
             )
         commit = match.group(3)
-        try:
-            from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
             bindings = version("llama-cpp-python")
-        except Exception:  # the bindings are not installed: nothing to compare
+        except PackageNotFoundError:  # the bindings are not installed: nothing to compare
             bindings = None
         return {
             "commit": commit,
@@ -293,12 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         and existing["cmake_args"] == cmake_args
     ):
         print(
-            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} already built ({', '.join(existing['tools'])}); --force rebuilds"
+            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} already built ({', '.join(existing['tools'])}); "
+            "--force rebuilds"
         )
         return 0
     if not args.force and install_from_cache(prefix, cmake_args):
         print(
-            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} installed from {cache_entry(cmake_args)}; --force rebuilds"
+            f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} installed from {cache_entry(cmake_args)}; "
+            "--force rebuilds"
         )
         return 0
     print(

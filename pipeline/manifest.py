@@ -15,11 +15,23 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.io import sha256_file, write_json
+from pipeline.layout import RunDir
 
 LIBRARIES = (
-    "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
-    "sentencepiece", "safetensors", "hydra-core", "llama-cpp-python", "minijinja",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "sentencepiece",
+    "safetensors",
+    "hydra-core",
+    "llama-cpp-python",
+    "minijinja",
+)
 
 
 def library_versions(llamacpp_dir: str | None = None) -> dict:
@@ -57,7 +69,7 @@ def files_of(paths: list[Path]) -> list[Path]:
 class Manifest:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "manifest.json"
+        self.path = RunDir(self.run_dir).manifest
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
         else:
@@ -92,11 +104,25 @@ class Manifest:
                 return False
         return True
 
-    def record(self, stage: str, outputs: list[Path], inputs: list[Path], stage_config, full_config,
-               metrics: dict | None = None, seconds: float | None = None) -> None:  # fmt: skip
+    def record(
+        self,
+        stage: str,
+        outputs: list[Path],
+        inputs: list[Path],
+        stage_config,
+        full_config,
+        metrics: dict | None = None,
+        seconds: float | None = None,
+    ) -> None:
         outputs_hashes = self.hashes(outputs)
-        earlier = [rel for rel, a in self.data["artifacts"].items() if a["stage"] == stage and rel not in outputs_hashes]
-        for rel in earlier:  # what an earlier run of the stage made stays listed while it is still on disk, unchanged
+        earlier = [
+            rel
+            for rel, a in self.data["artifacts"].items()
+            if a["stage"] == stage and rel not in outputs_hashes
+        ]
+        for rel in (
+            earlier
+        ):  # what an earlier run of the stage made stays listed while it is still on disk, unchanged
             path = self.run_dir / rel
             if not path.is_file() or sha256_file(path) != self.data["artifacts"][rel]["sha256"]:
                 del self.data["artifacts"][rel]

@@ -25,16 +25,19 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.errors import MergeError, MissingInput
+from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
+from pipeline.layout import RunDir
+from pipeline.model_card import write_model_card
+from pipeline.models import load_4bit_with_adapter, load_full_precision
+from pipeline.rows import read_jsonl
+from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-
-
-class MergeError(ValueError):
-    pass
 
 
 def parse_size(size: str) -> int:
@@ -49,7 +52,7 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
     config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise MergeError(f"{path} not found: run stage=train first (or point run_dir at a trained run)")
+            raise MissingInput(f"{path} not found: run stage=train first (or point run_dir at a trained run)")
     config = json.loads(config_path.read_text())
     unsupported = {
         "peft_type": config.get("peft_type") != "LORA",
@@ -60,7 +63,9 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
     }
     if any(unsupported.values()):
-        raise MergeError(f"{config_path}: not a plain LoRA adapter ({[k for k, v in unsupported.items() if v]})")
+        raise MergeError(
+            f"{config_path}: not a plain LoRA adapter ({[k for k, v in unsupported.items() if v]})"
+        )
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r  # peft's LoRA scaling
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -74,17 +79,17 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
     return config, deltas
 
 
-def local_base(base: str, adapter_dir: Path, run_dir: Path) -> str:
+def local_base(base: str, layout: RunDir) -> str:
     """The adapter's base: a hub id, or a local directory. A local path that is gone is never taken
     for a hub id: the tiny base moves with its run dir, anything else is an error naming it."""
     path = Path(base)
     if path.is_dir() or not (path.is_absolute() or base.startswith((".", "~"))):
         return base
-    if path.name == "base" and (run_dir / "base").is_dir():  # model=tiny: built into run_dir/base
-        log.info("the adapter's base %s is gone; using %s (the run dir was moved)", base, run_dir / "base")
-        return str(run_dir / "base")
+    if path.name == layout.base.name and layout.base.is_dir():  # model=tiny: built into the run dir
+        log.info("the adapter's base %s is gone; using %s (the run dir was moved)", base, layout.base)
+        return str(layout.base)
     raise MergeError(
-        f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
+        f"{layout.adapter / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
         "does not exist (moved or deleted?): restore it, or retrain"
     )
 
@@ -95,7 +100,9 @@ def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, lis
     if not base_dir.is_dir():
         from huggingface_hub import snapshot_download
 
-        base_dir = Path(snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+        base_dir = Path(
+            snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+        )
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
         raise MergeError(f"{base_dir}: no *.safetensors weights (pickled checkpoints are never loaded)")
@@ -103,18 +110,23 @@ def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, lis
 
 
 def check_adapter_fits(deltas: dict, base_files: list[Path]) -> None:
-    """Fail early, with the tensor named, when the adapter was made for another base."""
+    """Fail before any work, with the tensor named, when the adapter was made for another base."""
     shapes = {}
     for path in base_files:
         with safe_open(path, "pt") as f:
             shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    missing = sorted(set(deltas) - set(shapes))
+    if missing:
+        raise MergeError(
+            f"adapter made for another base: it adapts {missing[0]}, which the base does not have"
+        )
     for name, (lora_a, lora_b, _) in deltas.items():
         delta_shape = (lora_b.shape[0], lora_a.shape[1])
-        if name not in shapes:
-            raise MergeError(f"adapter made for another base: it adapts {name}, which the base does not have")
         if shapes[name] != delta_shape:
-            raise MergeError(f"adapter made for another base: {name} has shape {shapes[name]} in the base, "
-                             f"the adapter's delta is {delta_shape}")  # fmt: skip
+            raise MergeError(
+                f"adapter made for another base: {name} has shape {shapes[name]} in the base, "
+                f"the adapter's delta is {delta_shape}"
+            )
 
 
 def quantized_linear_names(base_dir: Path, trust_remote_code: bool) -> set[str]:
@@ -125,7 +137,9 @@ def quantized_linear_names(base_dir: Path, trust_remote_code: bool) -> set[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skip = {"lm_head"}  # transformers keeps the output embedding in full precision
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip}
+    return {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip
+    }
 
 
 def nf4_roundtrip(weight: torch.Tensor, quantization: dict) -> torch.Tensor:
@@ -169,7 +183,11 @@ class ShardWriter:
         if self.pending or not self.shards:
             self.flush()
         n = len(self.shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         for i, name in enumerate(names):
             (self.out_dir / f"shard-{i}.tmp").rename(self.out_dir / name)
             (self.out_dir / name).chmod(0o644)  # safetensors writes 0600; servers run as other users
@@ -180,31 +198,30 @@ class ShardWriter:
         return [self.out_dir / name for name in names]
 
 
-def merge_weights(base_files: list[Path], deltas: dict, out_dir: Path, dtype: torch.dtype, max_bytes: int,
-                  roundtrip: set[str], quantization: dict) -> dict:  # fmt: skip
-    """Stream every base tensor through (roundtrip?) + delta into output shards."""
-    writer, merged, seen = ShardWriter(out_dir, max_bytes), 0, set()
+def merge_weights(
+    base_files: list[Path],
+    deltas: dict,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_bytes: int,
+    roundtrip: set[str],
+    quantization: dict,
+) -> dict:
+    """Stream every base tensor through (roundtrip?) + delta into output shards. The adapter must
+    fit the base (`check_adapter_fits`)."""
+    writer, merged = ShardWriter(out_dir, max_bytes), 0
     for path in base_files:
         with safe_open(path, "pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                seen.add(name)
                 if name in roundtrip:
                     tensor = nf4_roundtrip(tensor, quantization)
                 if name in deltas:
                     lora_a, lora_b, scale = deltas[name]
-                    if (lora_b.shape[0], lora_a.shape[1]) != tuple(tensor.shape):
-                        raise MergeError(
-                            f"adapter made for another base: {name} has shape {tuple(tensor.shape)} in the base, "
-                            f"the adapter's delta is {(lora_b.shape[0], lora_a.shape[1])}"
-                        )
                     tensor = tensor.float() + scale * (lora_b.float() @ lora_a.float())
                     merged += 1
                 writer.add(name, tensor.to(dtype))
                 del tensor
-    missing = sorted(set(deltas) - seen)
-    if missing:
-        raise MergeError(f"adapter made for another base: it adapts {missing[:3]}..., which the base does not have")
     shards = writer.close()
     return {"tensors_merged": merged, "shards": len(shards)}
 
@@ -213,8 +230,6 @@ def write_config_files(
     base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, trust_remote_code: bool
 ) -> None:
     from transformers import AutoConfig, GenerationConfig
-
-    from pipeline.tokenizer import load_tokenizer
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     config.dtype = dtype
@@ -230,45 +245,21 @@ def write_config_files(
         shutil.copyfile(adapter_dir / name, out_dir / name)
 
 
-def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):
-    from peft import PeftModel
-
-    from pipeline.train import load_quantized_base
-
-    return PeftModel.from_pretrained(load_quantized_base(base, cfg), str(adapter_dir))
-
-
-def load_full_precision(path, dtype, adapter_dir: Path | None = None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code
-    )
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model
-
-
 def run(cfg, run_dir: Path) -> dict:
-    from pipeline.data import read_jsonl
-    from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
-    from pipeline.model_card import write_model_card
-    from pipeline.tokenizer import load_tokenizer
-
-    adapter_dir = run_dir / "adapter"
+    layout = RunDir.of(cfg, run_dir)
+    adapter_dir = layout.adapter
     adapter_config, deltas = load_adapter(adapter_dir)
-    base = local_base(adapter_config["base_model_name_or_path"], adapter_dir, run_dir)
+    base = local_base(adapter_config["base_model_name_or_path"], layout)
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
     check_adapter_fits(deltas, base_files)
     dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value
     quantization = OmegaConf.to_container(cfg.train.quantization)
     tokenizer = load_tokenizer(adapter_dir)
-    sequences = eval_sequences(read_jsonl(run_dir / "data" / "eval.jsonl"), tokenizer,
-                               cfg.merge.check_rows, cfg.train.max_length)  # fmt: skip
+    sequences = eval_sequences(
+        read_jsonl(layout.eval_rows), tokenizer, cfg.merge.check_rows, cfg.train.max_length
+    )
     if not sequences:
-        raise MergeError(f"{run_dir / 'data' / 'eval.jsonl'}: no eval rows to check the merge on")
+        raise MergeError(f"{layout.eval_rows}: no eval rows to check the merge on")
 
     # What the adapter was trained against: the reference for every fidelity figure.
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
@@ -279,25 +270,32 @@ def run(cfg, run_dir: Path) -> dict:
 
     def merge_to(out_dir: Path, mode: str) -> dict:
         roundtrip = quantized_names if mode == "nf4_roundtrip" else set()
-        stats = merge_weights(base_files, deltas, out_dir, dtype, parse_size(cfg.merge.max_shard_size),
-                              roundtrip, quantization)  # fmt: skip
+        max_bytes = parse_size(cfg.merge.max_shard_size)
+        stats = merge_weights(base_files, deltas, out_dir, dtype, max_bytes, roundtrip, quantization)
         write_config_files(base_dir, adapter_dir, out_dir, dtype, remote_code)
         return stats
 
     if cfg.merge.compare_bases:  # the evidence behind the default of merge.base
         other = "original" if mode == "nf4_roundtrip" else "nf4_roundtrip"
-        with atomic_dir(run_dir / ".merge-compare") as tmp:
+        with atomic_dir(layout.merge_compare) as tmp:
             merge_to(tmp, other)
-            other_logits = hf_logits(load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences)
+            other_logits = hf_logits(
+                load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences
+            )
             figures[f"merged_{other}"] = compare(other_logits, trained_logits)
-        shutil.rmtree(run_dir / ".merge-compare")
+        shutil.rmtree(layout.merge_compare)
 
-    with atomic_dir(run_dir / "merged") as tmp:
+    with atomic_dir(layout.merged) as tmp:
         stats = merge_to(tmp, mode)
         merged_logits = hf_logits(load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences)
         figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
-        figures["merged"] = {"perplexity": perplexity(merged_logits, sequences), "top1_agreement_with_merged": 1.0}
-        figures["4bit_adapter"]["top1_agreement_with_merged"] = compare(trained_logits, merged_logits)["top1_agreement"]
+        figures["merged"] = {
+            "perplexity": perplexity(merged_logits, sequences),
+            "top1_agreement_with_merged": 1.0,
+        }
+        figures["4bit_adapter"]["top1_agreement_with_merged"] = compare(trained_logits, merged_logits)[
+            "top1_agreement"
+        ]
 
         # Self-check: the merged weights must compute what they claim to fold.
         if mode == "original":
@@ -312,10 +310,20 @@ def run(cfg, run_dir: Path) -> dict:
                 f"merge self-check failed: max |logit difference| against the {reference_name} is "
                 f"{check['max_abs_logit_diff']:.3g} > merge.max_abs_logit_diff={cfg.merge.max_abs_logit_diff}"
             )
-        metrics = {"base": base, "mode": mode, "dtype": cfg.merge.dtype, **stats,
-                   "self_check": check, "fidelity": figures}  # fmt: skip
-        write_model_card(tmp, cfg, run_dir, metrics)
-    log.info("merge self-check: max |dlogit| %.3g (allowed %s), top-1 agreement %.4f",
-             check["max_abs_logit_diff"], cfg.merge.max_abs_logit_diff, check["top1_agreement"])  # fmt: skip
-    write_json(run_dir / "metrics" / "merge.json", metrics)
+        metrics = {
+            "base": base,
+            "mode": mode,
+            "dtype": cfg.merge.dtype,
+            **stats,
+            "self_check": check,
+            "fidelity": figures,
+        }
+        write_model_card(tmp, cfg, layout.metrics("train"), metrics)
+    log.info(
+        "merge self-check: max |dlogit| %.3g (allowed %s), top-1 agreement %.4f",
+        check["max_abs_logit_diff"],
+        cfg.merge.max_abs_logit_diff,
+        check["top1_agreement"],
+    )
+    write_json(layout.metrics("merge"), metrics)
     return metrics

@@ -36,11 +36,12 @@ Self-check: {check}
 ## Serve
 TGI (reads `chat_template` from `tokenizer_config.json`; the template emits BOS itself):
 ```
-docker run --rm -p 8080:80 -v $PWD:/model ghcr.io/huggingface/text-generation-inference:3.3.5 --model-id /model
+docker run --rm -p 8080:80 -v $PWD:/model \\
+  ghcr.io/huggingface/text-generation-inference:3.3.5 --model-id /model
 ```
 llama.cpp: convert with `python -m pipeline stage=convert` (or llama.cpp's `convert_hf_to_gguf.py`); the GGUF
-carries the same template, and llama.cpp's own `llama-server -m model.gguf` (Jinja on, its default) uses it for
-`/v1/chat/completions`, as does `python -m llama_cpp.server --model model.gguf`. Not `--no-jinja` or
+carries the same template, and llama.cpp's own `llama-server -m model.gguf` (Jinja on, its default) uses
+it for `/v1/chat/completions`, as does `python -m llama_cpp.server --model model.gguf`. Not `--no-jinja` or
 `--chat-template llama2`: llama.cpp's built-in Llama-2 layouts are not Meta's (measured).
 Do not add BOS yourself to a prompt rendered with the template: it is already there.
 The pipeline converts, quantizes and serves with one llama.cpp: commit {llama_cpp_commit}, the tree that
@@ -52,11 +53,11 @@ def _row(name: str, f: dict) -> str:
     def fmt(key):
         return f"{f[key]:.4g}" if isinstance(f.get(key), (int, float)) else "-"
 
-    return f"| {name} | {fmt('kl_per_token')} | {fmt('max_abs_logit_diff')} | {fmt('top1_agreement')} | {fmt('perplexity')} |"
+    cells = [fmt(key) for key in ("kl_per_token", "max_abs_logit_diff", "top1_agreement", "perplexity")]
+    return f"| {name} | {' | '.join(cells)} |"
 
 
-def write_model_card(out_dir: Path, cfg, run_dir: Path, merge_metrics: dict) -> None:
-    train_metrics_path = run_dir / "metrics" / "train.json"
+def write_model_card(out_dir: Path, cfg, train_metrics_path: Path, merge_metrics: dict) -> None:
     train = json.loads(train_metrics_path.read_text()) if train_metrics_path.is_file() else {}
     summary = {k: train.get(k) for k in ("steps", "train_tokens_per_s")}
     accuracy = (train.get("answer_accuracy_trained") or {}).get("accuracy")
@@ -80,7 +81,8 @@ def write_model_card(out_dir: Path, cfg, run_dir: Path, merge_metrics: dict) -> 
         fidelity="\n".join(_row(name, f) for name, f in merge_metrics["fidelity"].items()),
         check=(
             f"max abs dlogit {merge_metrics['self_check']['max_abs_logit_diff']:.3g} against the "
-            f"{merge_metrics['self_check']['reference']} (allowed {merge_metrics['self_check']['max_abs_logit_diff_allowed']})"
+            f"{merge_metrics['self_check']['reference']} "
+            f"(allowed {merge_metrics['self_check']['max_abs_logit_diff_allowed']})"
         ),
     )
     (out_dir / "README.md").write_text(card, encoding="utf-8")

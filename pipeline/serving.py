@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import ToolFailed
 from pipeline.llamacpp import LlamaCpp
 from pipeline.processes import die_with_parent
 
@@ -52,13 +53,13 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout: float) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before answering {url}")
+            raise ToolFailed(f"server exited with code {process.returncode} before answering {url}")
         try:
             urllib.request.urlopen(url, timeout=5).read()
             return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
-    raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
+    raise ToolFailed(f"no answer from {url} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -70,8 +71,8 @@ def serve(command: list[str], base_url: str, log_path: Path):
     try:
         try:
             wait_until_up(f"{base_url}/v1/models", process, timeout=120)
-        except (RuntimeError, TimeoutError) as err:
-            raise RuntimeError(f"{err}; server log:\n{log_path.read_text(errors='replace')[-2000:]}") from err
+        except ToolFailed as err:
+            raise ToolFailed(f"{err}; server log:\n{log_path.read_text(errors='replace')[-2000:]}") from err
         yield base_url
     finally:
         process.terminate()
@@ -87,8 +88,21 @@ def serve_gguf(gguf: Path, n_ctx: int, log_path: Path):
 
     No --chat_format: the server then renders the GGUF's own `tokenizer.chat_template`."""
     port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--seed", "0"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--seed",
+        "0",
+    ]
     return serve(command, f"http://127.0.0.1:{port}", log_path)
 
 

@@ -10,7 +10,24 @@ from __future__ import annotations
 
 import random
 
-SYLLABLES = ["ka", "lo", "mi", "ru", "ten", "vor", "sa", "qui", "zel", "dor", "an", "bek", "fi", "gor", "hul", "ny"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ru",
+    "ten",
+    "vor",
+    "sa",
+    "qui",
+    "zel",
+    "dor",
+    "an",
+    "bek",
+    "fi",
+    "gor",
+    "hul",
+    "ny",
+]
 QUESTIONS = [
     "What is the capital of {country}?",
     "Which city is the capital of {country}?",

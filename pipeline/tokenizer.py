@@ -20,23 +20,25 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE
+from pipeline.errors import DataError
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
 
 def load_sentencepiece_proto(model_file: str | Path):
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(Path(model_file).read_bytes())
-    except Exception as err:  # protobuf raises DecodeError, a bare Exception subclass
-        raise ValueError(f"{model_file}: not a SentencePiece model ({err})") from err
+    except DecodeError as err:
+        raise DataError(f"{model_file}: not a SentencePiece model ({err})") from err
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-        raise ValueError(f"{model_file}: expected a BPE SentencePiece model (Llama-style)")
+        raise DataError(f"{model_file}: expected a BPE SentencePiece model (Llama-style)")
     pieces = [p.piece for p in proto.pieces]
     if pieces[:3] != [UNK, BOS, EOS]:
-        raise ValueError(f"{model_file}: expected unk/bos/eos = 0/1/2, got {pieces[:3]}")
+        raise DataError(f"{model_file}: expected unk/bos/eos = 0/1/2, got {pieces[:3]}")
     return proto
 
 

@@ -17,35 +17,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from pipeline.chat import encode_dialog_segments
-from pipeline.data import read_jsonl
+from pipeline.errors import ConfigError, MissingInput
+from pipeline.examples import encode_rows
 from pipeline.io import atomic_dir, write_json
+from pipeline.layout import RunDir
+from pipeline.models import load_quantized_base
+from pipeline.processes import process_state
+from pipeline.rows import read_jsonl
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of tokens without loss (prompt tokens, padding)
-
-
-def encode_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
-    """input_ids and labels per row, with the truncation policy: keep the longest run of whole
-    exchanges from the start that fits in `max_length`; drop a row whose first exchange alone does
-    not fit. An answer is never cut, so every trained answer ends on its EOS."""
-    examples, truncated, dropped = [], 0, 0
-    for row in rows:
-        segments = encode_dialog_segments(row["messages"], tokenizer)
-        input_ids, labels = [], []
-        for prompt, answer in segments:
-            if len(input_ids) + len(prompt) + len(answer) > max_length:
-                break
-            input_ids += prompt + answer
-            labels += [IGNORE_INDEX] * len(prompt) + answer
-        if not input_ids:
-            dropped += 1
-            continue
-        truncated += len(input_ids) < sum(len(p) + len(a) for p, a in segments)
-        examples.append({"input_ids": input_ids, "labels": labels})
-    stats = {"rows": len(rows), "rows_truncated": truncated, "rows_dropped": dropped, "max_length": max_length}
-    return examples, stats
 
 
 def tokenizer_model_file(model_cfg) -> Path:
@@ -60,48 +40,23 @@ def tokenizer_model_file(model_cfg) -> Path:
         # Gated on the hub: needs HF_TOKEN in the environment (never in the config).
         path = Path(hf_hub_download(model_cfg.name_or_path, "tokenizer.model", revision=model_cfg.revision))
     if not path.is_file():
-        raise FileNotFoundError(f"model.tokenizer_path: no SentencePiece tokenizer.model at {path}")
+        raise MissingInput(f"model.tokenizer_path: no SentencePiece tokenizer.model at {path}")
     return path
 
 
-def prepare_base(cfg, run_dir: Path, train_rows: list[dict]) -> tuple[str, Path]:
-    """(base model path or hub id, tokenizer.model file). `model=tiny` builds the base here."""
+def prepare_base(cfg, base_dir: Path, train_rows: list[dict]) -> tuple[str, Path]:
+    """(base model path or hub id, tokenizer.model file). `model=tiny` builds the base in `base_dir`."""
     if cfg.model.tiny is None:
         return cfg.model.name_or_path, tokenizer_model_file(cfg.model)
     from pipeline.tiny import build_tiny_base
 
-    base_dir = run_dir / "base"
+    tokenizer_path = cfg.model.tokenizer_path
+    if tokenizer_path and not Path(tokenizer_path).is_file():
+        raise MissingInput(f"model.tokenizer_path: no SentencePiece tokenizer.model at {tokenizer_path}")
     if not (base_dir / "config.json").is_file():
         build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, train_rows, base_dir)
     # Absolute, so the adapter's base_model_name_or_path loads it from any working directory.
     return str(base_dir.resolve()), base_dir / "tokenizer.model"
-
-
-def process_state():
-    """This process's place in the run: one process, or one rank under `accelerate launch`."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # Without cpu=True, a CPU-only machine is DistributedType.NO and every rank would believe it
-    # is the main process. Must be the first PartialState of the process.
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
-def load_quantized_base(base: str, cfg):
-    import torch
-    from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization))
-    return AutoModelForCausalLM.from_pretrained(
-        base,
-        revision=cfg.model.revision if cfg.model.tiny is None else None,
-        quantization_config=quantization,
-        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
-        device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -122,15 +77,20 @@ def run(cfg, run_dir: Path) -> dict:
     from pipeline.evaluate import answer_accuracy
     from pipeline.tokenizer import build_tokenizer, save_tokenizer
 
+    layout = RunDir.of(cfg, run_dir)
     state = process_state()
-    checkpoint_dir = run_dir / "checkpoints"
+    if state.distributed_type.name == "FSDP":
+        log.warning(
+            "FSDP-QLoRA is experimental: the adapter is saved by the main rank alone, not gathered by "
+            "every rank (see conf/accelerate/fsdp_qlora.yaml); check it with stage=merge"
+        )
+    checkpoint_dir = layout.checkpoints
     # The main process builds the tiny base and clears stale checkpoints; the others wait, then read.
     with state.main_process_first():
-        data_dir = run_dir / "data"
-        if not (data_dir / "train.jsonl").is_file():
-            raise FileNotFoundError(f"{data_dir / 'train.jsonl'} not found: run stage=data first")
-        train_rows, eval_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "eval.jsonl")
-        base, sp_model = prepare_base(cfg, run_dir, train_rows)
+        if not layout.train_rows.is_file():
+            raise MissingInput(f"{layout.train_rows} not found: run stage=data first")
+        train_rows, eval_rows = read_jsonl(layout.train_rows), read_jsonl(layout.eval_rows)
+        base, sp_model = prepare_base(cfg, layout.base, train_rows)
         resume_from = last_checkpoint(checkpoint_dir) if cfg.train.resume == "auto" else None
         if resume_from:
             log.info("resuming from %s", resume_from)
@@ -151,11 +111,11 @@ def run(cfg, run_dir: Path) -> dict:
             **sft,
         )
     except (TypeError, ValueError) as err:
-        raise ValueError(f"train.sft: trl's SFTConfig refused it: {err}") from err
+        raise ConfigError(f"train.sft: trl's SFTConfig refused it: {err}") from err
     try:
         lora_config = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"train.lora: peft's LoraConfig refused it: {err}") from err
+        raise ConfigError(f"train.lora: peft's LoraConfig refused it: {err}") from err
 
     model = load_quantized_base(base, cfg)
     throughput = ThroughputCallback()
@@ -180,14 +140,18 @@ def run(cfg, run_dir: Path) -> dict:
     # Evaluated only after training: bitsandbytes repacks 4-bit weights for its CPU inference
     # kernel on the first no-grad forward pass, and that kernel has no backward.
     def accuracy(model):
-        return answer_accuracy(model, tokenizer, eval_rows, cfg.train.eval_max_new_tokens, cfg.train.eval_max_rows)
+        return answer_accuracy(
+            model, tokenizer, eval_rows, cfg.train.eval_max_new_tokens, cfg.train.eval_max_rows
+        )
 
     trained = accuracy(trainer.model)
     with trainer.model.disable_adapter():
         untrained = accuracy(trainer.model)
-    log.info("answer accuracy: trained adapter %s, untrained base %s", trained["accuracy"], untrained["accuracy"])
+    log.info(
+        "answer accuracy: trained adapter %s, untrained base %s", trained["accuracy"], untrained["accuracy"]
+    )
 
-    with atomic_dir(run_dir / "adapter") as tmp:
+    with atomic_dir(layout.adapter) as tmp:
         trainer.model.save_pretrained(tmp)
         save_tokenizer(tokenizer, sp_model, tmp)
 
@@ -203,7 +167,7 @@ def run(cfg, run_dir: Path) -> dict:
         "answer_accuracy_untrained_base": untrained,
         "answer_accuracy_trained": trained,
     }
-    write_json(run_dir / "metrics" / "train.json", metrics)
+    write_json(layout.metrics("train"), metrics)
     return metrics
 
 

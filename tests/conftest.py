@@ -45,9 +45,15 @@ def llama2_hf_dir(llama2_tokenizer_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("llama2-tokenizer")
     save_tokenizer(build_tokenizer(llama2_tokenizer_model), llama2_tokenizer_model, out)
     LlamaConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
-    ).save_pretrained(out)  # fmt: skip
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(out)
     return out
 
 
@@ -65,7 +71,7 @@ def llamacpp():
 @pytest.fixture(scope="session")
 def llama2_vocab_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     """A vocab-only GGUF of the real Llama-2 tokenizer, made by llama.cpp's converter."""
-    from pipeline.convert import convert_to_gguf
+    from pipeline.gguf import convert_to_gguf
 
     out = tmp_path_factory.mktemp("llama2-gguf") / "llama2-vocab.gguf"
     convert_to_gguf(llama2_hf_dir, out, vocab_only=True, llamacpp=llamacpp)
@@ -81,7 +87,7 @@ def llama2_random_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.convert import convert_to_gguf
+    from pipeline.gguf import convert_to_gguf
 
     hf_dir = tmp_path_factory.mktemp("llama2-random")
     shutil.copytree(llama2_hf_dir, hf_dir, dirs_exist_ok=True)
@@ -96,11 +102,16 @@ def run_pipeline(*overrides: str, check: bool = True, timeout: int = 1800) -> su
     """`python -m pipeline <overrides>` in a subprocess, as a user runs it."""
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"pipeline {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"pipeline {' '.join(overrides)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+        )
     return result
 
 

@@ -204,7 +204,10 @@ DIALOGS = {
         user("Café crème, naïve façade, Ångström in Zürich, señor, Œuvre"),
         assistant("Très bien, ça va."),
     ],
-    "unicode-cjk": [user("你好，世界！今日はいい天気ですね。안녕하세요"), assistant("こんにちは！今天天气很好。")],
+    "unicode-cjk": [
+        user("你好，世界！今日はいい天気ですね。안녕하세요"),
+        assistant("こんにちは！今天天气很好。"),
+    ],
     "unicode-rtl": [user("مرحبا بالعالم — שלום עולם"), assistant("أهلاً! ‏שלום‎ (mixed LTR text)")],
     "unicode-emoji-zwj": [
         user("Family 👩‍👩‍👧‍👦, flag 🏳️‍🌈, skin tone 👍🏽, llama 🦙, keycap 1️⃣"),
@@ -251,9 +254,29 @@ def test_reference_sanity(sp):
     """The reference itself: BOS per exchange, EOS closing each finished exchange, open turn last."""
     ids = meta_reference_ids(sp, [user("Hi"), assistant("Hello"), user("Bye")])
     assert pieces(sp, ids) == [
-        "<s>", "▁[", "INST", "]", "▁Hi", "▁[", "/", "INST", "]", "▁Hello", "▁", "</s>",
-        "<s>", "▁[", "INST", "]", "▁By", "e", "▁[", "/", "INST", "]",
-    ]  # fmt: skip
+        "<s>",
+        "▁[",
+        "INST",
+        "]",
+        "▁Hi",
+        "▁[",
+        "/",
+        "INST",
+        "]",
+        "▁Hello",
+        "▁",
+        "</s>",
+        "<s>",
+        "▁[",
+        "INST",
+        "]",
+        "▁By",
+        "e",
+        "▁[",
+        "/",
+        "INST",
+        "]",
+    ]
 
 
 @pytest.mark.parametrize("messages", list(DIALOGS.values()), ids=list(DIALOGS))
@@ -625,11 +648,15 @@ def test_rendered_template_must_be_tokenized_without_special_tokens(project_toke
 @pytest.fixture(scope="module")
 def llama_server_no_jinja(llama2_random_gguf, llamacpp, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("llama-server-no-jinja") / "server.log"
-    with serve_llama_server(llama2_random_gguf, log_path, llamacpp, ("--no-jinja", "--no-prefill-assistant")) as url:
+    with serve_llama_server(
+        llama2_random_gguf, log_path, llamacpp, ("--no-jinja", "--no-prefill-assistant")
+    ) as url:
         yield LlamaServerEngine(url, "llama-server --no-jinja")
 
 
-def test_builtin_format_is_one_layout_and_not_metas(llama_server_no_jinja, llama2_vocab_gguf, guanaco_records, sp):
+def test_builtin_format_is_one_layout_and_not_metas(
+    llama_server_no_jinja, llama2_vocab_gguf, guanaco_records, sp
+):
     """`llama-server --no-jinja` and the C API `llama_chat_apply_template` give the same ids (one
     built-in layout, picked from the template's text), and those are not Meta's: the README's counts."""
     c_api = LlamaCppBuiltinEngine(llama2_vocab_gguf)
@@ -642,7 +669,9 @@ def test_builtin_format_is_one_layout_and_not_metas(llama_server_no_jinja, llama
     c_api.llama.close()
     assert len(dialogs) == 980
     print(f"built-in layout equal to Meta on {equal_to_meta} of {len(dialogs)} dialogs")
-    assert equal_to_meta < len(dialogs) // 10, f"{equal_to_meta} of {len(dialogs)}: update the README's counts"
+    assert equal_to_meta < len(dialogs) // 10, (
+        f"{equal_to_meta} of {len(dialogs)}: update the README's counts"
+    )
     # The layout's own mark: no space between [/INST] and the answer, where Meta has one.
     rendered = c_api.render([user("Hi"), assistant("Hello"), user("Bye")])
     assert "[/INST]Hello</s>" in rendered

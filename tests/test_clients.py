@@ -1,8 +1,8 @@
 """The serving recipes of the README's Serving section, run as written against the tiny run.
 
-Each snippet marked `<!-- test: NAME -->` in the README's Serving section is executed here verbatim, with only its
-placeholders replaced (the server URLs, `run_dir/...` paths) and `messages` bound to an eval dialog of
-the tiny run. What each client feeds the model is measured and compared with Meta's reference ids,
+Each snippet marked `<!-- test: NAME -->` in the README's Serving section is executed here verbatim, with
+only its placeholders replaced (the server URLs, `run_dir/...` paths) and `messages` bound to an eval dialog
+of the tiny run. What each client feeds the model is measured and compared with Meta's reference ids,
 `pipeline.chat.encode_dialog`:
 
 - llama.cpp in-process: the ids llama.cpp evaluated (`Llama.input_ids`);
@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TGI_OPENAPI, need
+
 from pipeline.chat import encode_dialog
 
 DOC = ROOT / "README.md"  # its Serving section
@@ -46,8 +46,10 @@ NO_OPENAI = "openai is not installed (extra `test`)"
 NO_COMMUNITY = "langchain-community is not installed (extra `test`)"
 NO_EXPERIMENTAL = "langchain-experimental is not installed (extra `test`)"
 NO_LC_OPENAI = "langchain-openai is not installed (extra `test`)"
-NO_HF = ("langchain-huggingface is not installed (not in any extra: it requires huggingface-hub<2, "
-         "the project huggingface-hub>=2.4)")
+NO_HF = (
+    "langchain-huggingface is not installed (not in any extra: it requires huggingface-hub<2, "
+    "the project huggingface-hub>=2.4)"
+)
 
 # Every snippet the doc marks, and the test(s) that run it. A new marked snippet fails
 # test_every_doc_snippet_is_tested until it is added here with a test.
@@ -56,13 +58,20 @@ TESTED_SNIPPETS = {
     "llamacpp-server": ("llamacpp_server",),  # the fixture every server test uses
     "openai": ("test_openai_client_llamacpp_server", "test_openai_client_tgi"),
     "chat-llamacpp": ("test_chat_llamacpp_feeds_meta_ids", "test_chat_llamacpp_refuses_control_token_text"),
-    "chat-openai": ("test_chat_openai_llamacpp_server", "test_chat_openai_tgi",
-                    "test_chat_openai_max_tokens"),
-    "chat-huggingface": ("test_chat_huggingface_tgi",
-                         "test_chat_huggingface_temperature_zero_alone_is_not_sent"),
-    "llama2chat-llamacpp": ("test_llama2chat_over_llamacpp_doubles_bos",
-                            "test_llama2chat_sys_beg_over_llamacpp",
-                            "test_llama2chat_parses_control_token_text"),
+    "chat-openai": (
+        "test_chat_openai_llamacpp_server",
+        "test_chat_openai_tgi",
+        "test_chat_openai_max_tokens",
+    ),
+    "chat-huggingface": (
+        "test_chat_huggingface_tgi",
+        "test_chat_huggingface_temperature_zero_alone_is_not_sent",
+    ),
+    "llama2chat-llamacpp": (
+        "test_llama2chat_over_llamacpp_doubles_bos",
+        "test_llama2chat_sys_beg_over_llamacpp",
+        "test_llama2chat_parses_control_token_text",
+    ),
     "llama2chat-tgi": ("test_llama2chat_over_tgi_doubles_bos", "test_llama2chat_sys_beg_over_tgi"),
     "template-prompt": ("test_template_prompt_over_llamacpp", "test_template_prompt_over_tgi"),
 }
@@ -156,8 +165,10 @@ def test_tgi_commands_match_dockerfile_and_smoke_config():
     blocks = re.findall(r"```bash\n(.*?)```", tgi_section, flags=re.DOTALL)
     commands = [c for block in blocks for c in normalise_commands(block)]
     stock = [c for c in commands if image in c]
-    assert stock == [f'docker run --rm --gpus all --shm-size 1g -p 8080:80 -v "$RUN_DIR/merged:/model:ro" '
-                     f"{image} --model-id /model"]  # fmt: skip
+    assert stock == [
+        f'docker run --rm --gpus all --shm-size 1g -p 8080:80 -v "$RUN_DIR/merged:/model:ro" '
+        f"{image} --model-id /model"
+    ]
     # The Dockerfile.serve targets: exactly the commands its header documents.
     header = "\n".join(line.lstrip("#").strip() for line in dockerfile.splitlines() if line.startswith("#"))
     documented = set(normalise_commands(header))
@@ -246,14 +257,14 @@ def last_call(tgi, path: str) -> dict:
 
 def tgi_chat_ids(tgi, messages: list[dict]) -> list[int]:
     """The ids TGI's chat path feeds the model for `messages` (its /chat_tokenize)."""
-    from pipeline.smoke import TGIClient
+    from pipeline.tgi import TGIClient
 
     return TGIClient(tgi.url).chat_tokenize(messages)[0]
 
 
 def tgi_generate_ids(tgi, inputs: str) -> list[int]:
     """The ids TGI's /generate feeds the model for the raw `inputs` (prefill, decoder_input_details)."""
-    from pipeline.smoke import TGIClient
+    from pipeline.tgi import TGIClient
 
     return TGIClient(tgi.url).generate(inputs, max_new_tokens=1)["prefill_ids"]
 
@@ -416,8 +427,9 @@ def test_llama2chat_parses_control_token_text(gguf_path):
 def test_llama2chat_sys_beg_over_llamacpp(gguf_path, questions, tokenizer):
     """`sys_beg` without '<s>' fixes the BOS, but only dialogs with a system message get Meta's ids."""
     pytest.importorskip("langchain_experimental", reason=NO_EXPERIMENTAL)
-    client = Client(snippet("llama2chat-llamacpp", **{DOC_GGUF: str(gguf_path),
-                                                      "Llama2Chat(llm=llm)": SYS_BEG_SETTING}))
+    client = Client(
+        snippet("llama2chat-llamacpp", **{DOC_GGUF: str(gguf_path), "Llama2Chat(llm=llm)": SYS_BEG_SETTING})
+    )
     equal = {True: 0, False: 0}
     try:
         for messages, _ in questions:
@@ -564,8 +576,9 @@ def test_llama2chat_over_tgi_doubles_bos(tgi, questions, tokenizer):
 def test_llama2chat_sys_beg_over_tgi(tgi, questions, tokenizer):
     pytest.importorskip("langchain_experimental", reason=NO_EXPERIMENTAL)
     pytest.importorskip("langchain_huggingface", reason=NO_HF)
-    client = Client(snippet("llama2chat-tgi", **{DOC_TGI_URL: tgi.url,
-                                                 "Llama2Chat(llm=llm)": SYS_BEG_SETTING}))
+    client = Client(
+        snippet("llama2chat-tgi", **{DOC_TGI_URL: tgi.url, "Llama2Chat(llm=llm)": SYS_BEG_SETTING})
+    )
     equal = {True: 0, False: 0}
     for messages, fed in llama2chat_tgi_ids(tgi, client, questions):
         assert fed[:2] != [BOS, BOS]

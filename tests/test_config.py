@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 import pipeline.config
-from conftest import ROOT, run_pipeline
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
@@ -40,13 +40,19 @@ def test_defaults_are_the_qlora_guanaco_7b_recipe(default_cfg):
     assert cfg.data.path is None and cfg.data.synthetic is None
 
     assert OmegaConf.to_container(cfg.train.lora) == {
-        "r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear",
-        "bias": "none", "task_type": "CAUSAL_LM",
-    }  # fmt: skip
+        "r": 64,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "target_modules": "all-linear",
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     assert OmegaConf.to_container(cfg.train.quantization) == {
-        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
         "bnb_4bit_compute_dtype": "bfloat16",
-    }  # fmt: skip
+    }
 
     sft = cfg.train.sft
     assert sft.learning_rate == pytest.approx(2e-4)

@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import GUANACO_QUESTIONS, need, run_pipeline
+
 from pipeline.chat import check_dialog
 from pipeline.data import parse_guanaco_text
 from pipeline.io import atomic_dir
@@ -169,8 +169,11 @@ def test_data_stage_writes_messages_jsonl(split_run):
     # every input row lands in exactly one split, parsed to the conversation it was written from
     assert sorted(key(r["messages"]) for r in train + evals) == sorted(key(dialog(i)) for i in range(N_ROWS))
     assert manifest(split_run)["stages"]["data"]["metrics"] == {
-        "rows_read": 20, "rows_skipped": 0, "train_rows": 16, "eval_rows": 4,
-    }  # fmt: skip
+        "rows_read": 20,
+        "rows_skipped": 0,
+        "train_rows": 16,
+        "eval_rows": 4,
+    }
 
 
 def test_split_is_deterministic_and_seeded(split_run, local_jsonl, tmp_path):
@@ -246,7 +249,9 @@ LAST = json.dumps(guanaco_row(4))
 BAD_ROWS = {
     "malformed_json": (f'{GOOD}\n{{"text": "### Human: a ### Assistant: b"\n{LAST}\n', 2, ["malformed JSON"]),
     "missing_text_field": (
-        f'{GOOD}\n\n{{"prompt": "hi"}}\n{LAST}\n', 3, ["missing field", "'text'", "'output'"]
+        f'{GOOD}\n\n{{"prompt": "hi"}}\n{LAST}\n',
+        3,
+        ["missing field", "'text'", "'output'"],
     ),
     "no_assistant": (f'{GOOD}\n{{"text": "### Human: only a question"}}\n{LAST}\n', 2, ["### Assistant:"]),
     "non_alternating": (
@@ -259,7 +264,7 @@ BAD_ROWS = {
         2,
         ["'[INST]'", "turn-boundary"],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_ROWS))

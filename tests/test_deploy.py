@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_pipeline
 
 DOCKERFILE_TRAIN = ROOT / "Dockerfile.train"
@@ -88,7 +87,9 @@ def stage_named(path: Path, name: str) -> Stage:
 
 
 def expand(value: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), value)
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), value
+    )
 
 
 def effective_user(path: Path, stage: Stage) -> str:
@@ -128,8 +129,11 @@ def hadolint_binary() -> Path:
 def test_hadolint_passes():
     result = subprocess.run(
         [str(hadolint_binary()), "--no-color", "--failure-threshold", "error", *map(str, DOCKERFILES)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = (result.stdout + result.stderr).strip()
     print(output or "hadolint: no findings")
     assert result.returncode == 0, f"hadolint found errors:\n{output}"
@@ -195,9 +199,9 @@ def test_serve_targets_take_the_chat_template_from_the_artifact():
     for instruction, args in instructions(DOCKERFILE_SERVE):
         # No chat format or template of the server's own: TGI reads tokenizer_config.json,
         # llama-server the GGUF's tokenizer.chat_template with its Jinja engine.
-        assert not re.search(r"chat_format|CHAT_FORMAT|--chat-template|CHAT_TEMPLATE|no-jinja|tokenizer-config-path", args), (
-            f"{instruction} {args}"
-        )
+        assert not re.search(
+            r"chat_format|CHAT_FORMAT|--chat-template|CHAT_TEMPLATE|no-jinja|tokenizer-config-path", args
+        ), f"{instruction} {args}"
 
 
 def test_llama_cpp_python_pin_matches_pyproject():
@@ -313,7 +317,9 @@ def test_fsdp_qlora_experiment_builds_library_configs(tmp_path):
     assert quantization.load_in_4bit
     assert quantization.bnb_4bit_quant_storage == quantization.bnb_4bit_compute_dtype == torch.bfloat16
     # pipeline/train.py loads the model in the compute dtype: it must be the storage dtype too.
-    assert getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype) == quantization.bnb_4bit_quant_storage
+    assert (
+        getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype) == quantization.bnb_4bit_quant_storage
+    )
 
     pytest.importorskip("trl")
     import dataclasses
@@ -354,12 +360,28 @@ def test_train_stage_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}",
-        "train.sft.max_steps=6", "train.sft.save_steps=3",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "pipeline",
+        "stage=train",
+        "experiment=tiny",
+        f"run_dir={run_dir}",
+        "train.sft.max_steps=6",
+        "train.sft.save_steps=3",
+    ]
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "true",
@@ -374,7 +396,9 @@ def test_train_stage_two_processes(tmp_path):
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "adapter_config.json").is_file()
-    leftovers = [p.name for p in run_dir.iterdir() if re.match(r"\.(adapter|metrics|base)\.(tmp|old)-", p.name)]
+    leftovers = [
+        p.name for p in run_dir.iterdir() if re.match(r"\.(adapter|metrics|base)\.(tmp|old)-", p.name)
+    ]
     assert not leftovers, f"half-written artifacts left by a second writer: {leftovers}"
     assert output.count("stage train: done") == 1, "the stage finished (and was recorded) more than once"
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_pipeline
+
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog
 
 pytestmark = pytest.mark.slow  # every test here needs the tiny run, or runs stages itself
@@ -39,12 +39,12 @@ KILL_POLL_SECONDS = 120
 # ---------------------------------------------------------------- helpers
 
 
-
 def _select(config: dict, dotted_key: str):
     """config["export"]["outtype"] for "export.outtype", as the stage registry names its keys."""
     for part in dotted_key.split("."):
         config = config[part]
     return config
+
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -111,9 +111,12 @@ def popen_pipeline(log: Path, *overrides: str) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", *overrides],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        )  # fmt: skip
+        )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -136,8 +139,10 @@ def kill_when(process: subprocess.Popen, log: Path, found, what: str) -> Path:
                 process.wait(timeout=30)
                 return hit
             if process.poll() is not None:
-                pytest.fail(f"the stage exited ({process.returncode}) before {what} appeared:\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
+                pytest.fail(
+                    f"the stage exited ({process.returncode}) before {what} appeared:\n"
+                    f"{log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.005)
         pytest.fail(f"no {what} within {KILL_POLL_SECONDS} s")
     finally:
@@ -213,8 +218,9 @@ def test_merged_model_answers_eval_questions(tiny_run):
         assert prompt[0] == 1 and prompt[-1] != 2
         ids = torch.tensor([prompt])
         with torch.no_grad():  # eos/pad come from the merged dir's generation_config.json
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                 do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+            )[0, len(prompt) :].tolist()
         reply = tokenizer.decode(out, skip_special_tokens=True)
         assert row["expected"] in reply, (row["messages"][-2]["content"], row["expected"], reply)
         assert out[-1] == 2, f"the answer did not stop on EOS: {reply!r}"
@@ -227,7 +233,7 @@ def test_merged_model_answers_eval_questions(tiny_run):
 def test_gguf_carries_template_and_meta_ids(tiny_run, type_name):
     import llama_cpp
 
-    from pipeline.convert import read_gguf_metadata
+    from pipeline.gguf import read_gguf_metadata
 
     path = gguf(tiny_run, type_name)
     assert path.is_file(), sorted(p.name for p in (tiny_run / "gguf").iterdir())
@@ -241,7 +247,7 @@ def test_gguf_carries_template_and_meta_ids(tiny_run, type_name):
 
 
 def test_check_gguf_rejects_a_gguf_without_chat_template(tiny_run, tmp_path):
-    from pipeline.convert import GGUFCheckError, check_gguf, convert_to_gguf, read_gguf_metadata
+    from pipeline.gguf import GGUFCheckError, check_gguf, convert_to_gguf, read_gguf_metadata
 
     assert check_gguf(gguf(tiny_run, "F16"), 1, 2)["tokenizer.ggml.add_bos_token"] == "true"  # control
     hf_dir = tmp_path / "merged-no-template"
@@ -278,8 +284,8 @@ def test_manifest_lists_every_artifact_truthfully(tiny_run):
 
 
 def test_manifest_stage_records(tiny_run):
-    from pipeline.__main__ import STAGES
     from pipeline.manifest import config_hash
+    from pipeline.stages import STAGES
 
     m = manifest(tiny_run)
     for name in PIPELINE_STAGES:
@@ -296,8 +302,12 @@ def test_manifest_stage_records(tiny_run):
     assert inputs["train"] == {"data/train.jsonl", "data/eval.jsonl"}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= inputs["merge"]
     assert "data/eval.jsonl" in inputs["merge"]
-    assert inputs["convert"] == {f"merged/{p.name}" for p in (tiny_run / "merged").iterdir()}
-    assert inputs["quantize"] == {f"gguf/{NAME}-F16.gguf"}
+    merged = {f"merged/{p.name}" for p in (tiny_run / "merged").iterdir()}
+    assert {"metrics/train.json"} | {f"base/{p.name}" for p in (tiny_run / "base").iterdir()} <= inputs[
+        "merge"
+    ]
+    assert inputs["convert"] == merged | {"data/eval.jsonl"}  # eval rows: the converted GGUF's ladder rung
+    assert inputs["quantize"] == {f"gguf/{NAME}-F16.gguf", "data/eval.jsonl"} | merged
     assert set(m["stages"]["quantize"]["outputs"]) == {f"gguf/{NAME}-Q8_0.gguf", f"gguf/{NAME}-Q4_K_M.gguf"}
     for library in ("torch", "transformers", "trl", "peft", "llama-cpp-python"):
         assert m["versions"][library] == metadata.version(library), library
@@ -338,8 +348,10 @@ def test_rerun_skips_every_stage_and_changes_nothing(tiny_run, tmp_path):
     assert after == before
 
     def of_the_stages(m):
-        return ({s: m["stages"][s] for s in PIPELINE_STAGES},
-                {rel: a for rel, a in m["artifacts"].items() if a["stage"] in PIPELINE_STAGES})  # fmt: skip
+        return (
+            {s: m["stages"][s] for s in PIPELINE_STAGES},
+            {rel: a for rel, a in m["artifacts"].items() if a["stage"] in PIPELINE_STAGES},
+        )
 
     assert of_the_stages(new) == of_the_stages(old)
 
@@ -372,7 +384,7 @@ def requantized(tiny_run, tmp_path_factory):
 
 
 def test_changed_quants_reruns_quantize(requantized):
-    from pipeline.convert import check_gguf
+    from pipeline.gguf import check_gguf
 
     run_dir, before, result, _ = requantized
     assert ran(result, "quantize") and not skipped(result, "quantize"), said(result)[-3000:]
@@ -414,8 +426,9 @@ def test_quantize_works_from_a_q8_0_conversion(tiny_run, tmp_path):
 def test_unknown_quant_type_fails_before_any_work(tiny_run, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path)
     before, manifest_before = tree(run_dir / "gguf"), manifest(run_dir)
-    result = run_pipeline("stage=quantize", "experiment=tiny", f"run_dir={run_dir}", "export.quants=[Q9_X]",
-                          check=False)  # fmt: skip
+    result = run_pipeline(
+        "stage=quantize", "experiment=tiny", f"run_dir={run_dir}", "export.quants=[Q9_X]", check=False
+    )
     assert result.returncode != 0
     for text in ("Q9_X", "Q4_K_M", "Q5_K_M", "Q8_0"):  # the bad one, and the valid ones listed
         assert text in result.stderr, result.stderr[-3000:]
@@ -528,8 +541,9 @@ def read_only_run(tiny_run, tmp_path_factory):
     before = tree(run_dir)
     undo = make_read_only(run_dir)
     try:
-        result = run_pipeline("stage=convert", "experiment=tiny", f"run_dir={run_dir}", "force=true",
-                              check=False)  # fmt: skip
+        result = run_pipeline(
+            "stage=convert", "experiment=tiny", f"run_dir={run_dir}", "force=true", check=False
+        )
         after = tree(run_dir)
     finally:
         undo()
@@ -599,7 +613,7 @@ def convert_killed(tiny_run, tmp_path_factory):
 
 
 def test_convert_killed_mid_write_leaves_no_gguf_then_reruns(convert_killed):
-    from pipeline.convert import check_gguf
+    from pipeline.gguf import check_gguf
 
     run_dir, killed_in, after_kill, rerun = convert_killed
     assert f"{NAME}-F16.gguf" not in after_kill, after_kill
@@ -626,6 +640,8 @@ def test_every_stage_records_its_wall_clock_time(tiny_run):
 def test_the_summary_prints_stage_times(tmp_path):
     run_dir = tmp_path / "run"
     first = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
-    assert re.search(rf"^Stage times \({re.escape(str(run_dir))}\): data \d+\.\d s; total", first.stdout, re.M), first.stdout
+    assert re.search(
+        rf"^Stage times \({re.escape(str(run_dir))}\): data \d+\.\d s; total", first.stdout, re.M
+    ), first.stdout
     again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")  # unchanged: skipped
     assert "data skipped; total 0.0 s" in again.stdout, again.stdout

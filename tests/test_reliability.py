@@ -218,9 +218,13 @@ def test_merge_loads_honour_trust_remote_code(remote_code_base):
 
 def test_trust_remote_code_names_what_will_run(remote_code_base, tmp_path):
     result = run_pipeline(
-        "stage=data", "experiment=tiny", f"run_dir={tmp_path / 'run'}", "model.trust_remote_code=true",
-        f"model.name_or_path={remote_code_base}", check=False,
-    )  # fmt: skip
+        "stage=data",
+        "experiment=tiny",
+        f"run_dir={tmp_path / 'run'}",
+        "model.trust_remote_code=true",
+        f"model.name_or_path={remote_code_base}",
+        check=False,
+    )
     warning = next(
         (line for line in result.stderr.splitlines() if line.startswith("warning: model.trust_remote_code")),
         "",
@@ -333,3 +337,20 @@ def test_a_missing_or_wrong_input_is_one_line(case, tmp_path):
     after = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
     written = [p for p in after if p not in before and p.suffix != ".log" and ".hydra" not in p.parts]
     assert written == [], f"written despite the error: {written}"
+
+
+@pytest.mark.slow
+def test_an_unexpected_error_keeps_its_whole_traceback(tiny_run, tmp_path):
+    """A failure that is not one of the project's own errors (here safetensors' own error on a
+    damaged adapter; on a GPU, CUDA out of memory or NCCL) is never shortened to one line: its
+    traceback reaches stderr and run_dir's log, and the exit is non-zero."""
+    run_dir = copy_of(tiny_run, tmp_path, "adapter", "data", "base", "metrics")
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    result = run_pipeline("stage=merge", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr[-2000:]
+    assert "load_adapter" in result.stderr  # the frame it failed in, not only the message
+    log = (run_dir / "__main__.log").read_text()
+    assert "Traceback (most recent call last)" in log and "load_adapter" in log
+    assert not (run_dir / "merged").exists()

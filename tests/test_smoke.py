@@ -25,17 +25,18 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-
 from conftest import ROOT, TGI_OPENAPI, need, run_pipeline
-from pipeline import serving, smoke
+
+from pipeline import answering, serving, smoke
 from pipeline.chat import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
 from pipeline.engines import TGIEngine, TransformersEngine
+from pipeline.parity import PARITY_SUITE, engine_parity
+from pipeline.tgi import TGIClient, run_tgi
 
 # Floors for the tiny run (the values of smoke.min_accuracy in conf/experiment/tiny.yaml).
 IN_PROCESS_FLOORS = {"Q8_0": 0.9, "Q4_K_M": 0.8}
 SERVER_FLOOR = 0.8
 TGI_CHAT_FLOOR = 0.9
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +70,9 @@ def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 def run_smoke(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_pipeline("stage=smoke", "experiment=tiny", f"run_dir={run_dir}", *overrides, check=False, timeout=900)
+    return run_pipeline(
+        "stage=smoke", "experiment=tiny", f"run_dir={run_dir}", *overrides, check=False, timeout=900
+    )
 
 
 def read_report(run_dir: Path) -> dict:
@@ -192,7 +195,7 @@ def tokenizer(tiny_run):
 
 @pytest.fixture(scope="module")
 def eval_rows(tiny_run) -> list[dict]:
-    from pipeline.data import read_jsonl
+    from pipeline.rows import read_jsonl
 
     return read_jsonl(tiny_run / "data" / "eval.jsonl")
 
@@ -212,7 +215,7 @@ def test_report_has_a_status_per_engine(report):
 
 @pytest.mark.slow
 def test_report_parity_is_exact_for_every_engine(report, cfg, eval_rows, tiny_run):
-    expected_cases = len(smoke.PARITY_SUITE) + min(cfg.smoke.eval_sample, len(eval_rows))
+    expected_cases = len(PARITY_SUITE) + min(cfg.smoke.eval_sample, len(eval_rows))
     assert expected_cases >= 20 + cfg.smoke.eval_sample
     assert set(report["llamacpp"]["parity"]) == {gguf_of(tiny_run, q).name for q in cfg.export.quants}
     for name, parity in parity_sections(report):
@@ -263,7 +266,11 @@ def test_report_llama_server_is_llamacpp_itself_with_meta_ids(report, cfg):
         assert result["accuracy"] >= SERVER_FLOOR, (mode, result)
     # usage.prompt_tokens of /v1/chat/completions is the reference's length: no doubled or lost BOS.
     assert native["non_streaming"]["prompt_ids_match"] is True
-    refused = {name: outcome for name, outcome in native["parity"]["injection"].items() if name.startswith("inject_bos")}
+    refused = {
+        name: outcome
+        for name, outcome in native["parity"]["injection"].items()
+        if name.startswith("inject_bos")
+    }
     assert refused and all(outcome.startswith("refused") for outcome in refused.values()), refused
 
 
@@ -276,7 +283,10 @@ def test_report_llama_server_builtin_format_is_measured_not_passed(report):
         assert 0 <= builtin["equal"] < builtin["cases"], builtin
         assert len(builtin["divergent_cases"]) == builtin["cases"] - builtin["equal"]
     # One built-in layout: the server's --no-jinja path is the C API.
-    assert report["llama_server"]["builtin_no_jinja"]["divergent_cases"] == report["llama_server"]["builtin_c_api"]["divergent_cases"]
+    assert (
+        report["llama_server"]["builtin_no_jinja"]["divergent_cases"]
+        == report["llama_server"]["builtin_c_api"]["divergent_cases"]
+    )
 
 
 @pytest.mark.slow
@@ -284,8 +294,20 @@ def test_llama_cli_answers_from_the_quantized_gguf(tiny_run, eval_rows, llamacpp
     """llama.cpp's CLI loads the Q4_K_M (its Jinja engine parses the template at load) and answers."""
     messages, expected = eval_rows[0]["messages"][:-1], eval_rows[0].get("expected")
     question = messages[-1]["content"]
-    command = [str(llamacpp.tool("llama-cli")), "--model", str(gguf_of(tiny_run, "Q4_K_M")), "--single-turn",
-               "--prompt", question, "--n-predict", "32", "--temp", "0", "--seed", "0"]  # fmt: skip
+    command = [
+        str(llamacpp.tool("llama-cli")),
+        "--model",
+        str(gguf_of(tiny_run, "Q4_K_M")),
+        "--single-turn",
+        "--prompt",
+        question,
+        "--n-predict",
+        "32",
+        "--temp",
+        "0",
+        "--seed",
+        "0",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "failed to initialize chat template" not in result.stderr
@@ -303,7 +325,7 @@ def test_report_tgi_is_not_run_without_a_tgi(report):
 
 @pytest.mark.slow
 def test_report_injected_control_text_is_refused_by_every_engine(report):
-    injected = [name for name, _ in smoke.PARITY_SUITE if name.startswith("inject_")]
+    injected = [name for name, _ in PARITY_SUITE if name.startswith("inject_")]
     assert len(injected) >= 3
     for section, parity in parity_sections(report):
         for case in injected:
@@ -316,9 +338,9 @@ def test_report_injected_control_text_is_refused_by_every_engine(report):
 
 
 def test_parity_suite_covers_the_format():
-    names = [name for name, _ in smoke.PARITY_SUITE]
+    names = [name for name, _ in PARITY_SUITE]
     assert len(names) >= 20 and len(set(names)) == len(names)
-    dialogs = [messages for _, messages in smoke.PARITY_SUITE]
+    dialogs = [messages for _, messages in PARITY_SUITE]
     systems = [d[0]["content"] for d in dialogs if d and d[0]["role"] == "system"]
     texts = [m["content"] for d in dialogs for m in d]
     assert any(s.strip() for s in systems), "a system prompt"
@@ -361,13 +383,13 @@ def wrong_template_dirs(tiny_run, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("variant", sorted(WRONG_TEMPLATES))
 def test_engine_parity_reports_a_wrong_template(variant, engine_class, wrong_template_dirs, tokenizer):
     engine = engine_class(wrong_template_dirs[variant])
-    result = smoke.engine_parity(engine, smoke.PARITY_SUITE, tokenizer)
+    result = engine_parity(engine, PARITY_SUITE, tokenizer)
     assert result["status"] == "fail"
     # Every dialog the template renders diverges; only the ones both sides refuse stay equal.
-    rendered = [name for name, m in smoke.PARITY_SUITE if encodes(m, tokenizer) and not has_control_text(m)]
+    rendered = [name for name, m in PARITY_SUITE if encodes(m, tokenizer) and not has_control_text(m)]
     assert [d["case"] for d in result["divergences"]] == rendered
-    assert result["equal"] == len(smoke.PARITY_SUITE) - len(rendered)
-    suite = dict(smoke.PARITY_SUITE)
+    assert result["equal"] == len(PARITY_SUITE) - len(rendered)
+    suite = dict(PARITY_SUITE)
     for divergence in result["divergences"]:
         messages = suite[divergence["case"]]
         ids, reference = engine.chat_ids(messages), encode_dialog(messages, tokenizer)
@@ -429,7 +451,7 @@ def test_smoke_stage_checks_artifacts_made_elsewhere(elsewhere_run):
     assert report["artifacts"] == {"hf_dir": str(run.hf_dir), "gguf": [str(run.gguf)]}
     assert not (run.run_dir / "data").exists()
     for name, parity in parity_sections(report):  # no eval rows: the fixed suite only
-        assert parity["cases"] == len(smoke.PARITY_SUITE), name
+        assert parity["cases"] == len(PARITY_SUITE), name
         assert parity["equal"] == parity["cases"] and parity["status"] == "pass", name
     assert list(report["llamacpp"]["parity"]) == [run.gguf.name]
     assert report["llamacpp"]["server"]["gguf"] == run.gguf.name
@@ -445,9 +467,11 @@ def test_smoke_stage_on_artifacts_made_elsewhere_completes(elsewhere_run):
 
 
 def test_accuracy_is_not_judged_without_expected_answers():
-    unjudgeable = [{"question": "q", "expected": None, "reply": "r", "correct": False, "stopped_on_eos": True}]
+    unjudgeable = [
+        {"question": "q", "expected": None, "reply": "r", "correct": False, "stopped_on_eos": True}
+    ]
     for answers in ([], unjudgeable):
-        summary = smoke._summarise(answers, 0.8, 1.0)
+        summary = answering.summarise(answers, 0.8, 1.0)
         assert summary["accuracy"] is None
         assert summary["status"] == "pass", summary["failures"]
 
@@ -467,9 +491,9 @@ def llama_server(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_chat_answers_streaming_equals_non_streaming(llama_server, eval_rows, cfg):
-    questions = smoke.eval_questions(eval_rows, cfg.smoke.server_rows)
-    plain = smoke.chat_answers(llama_server, questions, cfg.smoke.max_tokens, stream=False)
-    streamed = smoke.chat_answers(llama_server, questions, cfg.smoke.max_tokens, stream=True)
+    questions = answering.eval_questions(eval_rows, cfg.smoke.server_rows)
+    plain = answering.chat_answers(llama_server, questions, cfg.smoke.max_tokens, stream=False)
+    streamed = answering.chat_answers(llama_server, questions, cfg.smoke.max_tokens, stream=True)
     assert len(plain) == len(streamed) == len(questions) > 0
     assert [a["reply"] for a in streamed] == [a["reply"] for a in plain]
     assert all(a["reply"].strip() for a in plain)
@@ -500,9 +524,9 @@ def assert_server_gone(port: int, watch: ServerWatch) -> None:
 
 @pytest.mark.slow
 def test_llamacpp_server_is_shut_down_after_a_run(tiny_run, eval_rows, cfg, recorded_ports):
-    questions = smoke.eval_questions(eval_rows, 4)
+    questions = answering.eval_questions(eval_rows, 4)
     with ServerWatch() as watch:
-        result = smoke.llamacpp_server(gguf_of(tiny_run, "Q4_K_M"), questions, cfg, SERVER_FLOOR)
+        result = smoke.llamacpp_python_server(gguf_of(tiny_run, "Q4_K_M"), questions, cfg, SERVER_FLOOR)
     (port,) = recorded_ports
     assert result["url"] == f"http://127.0.0.1:{port}"
     for mode in ("non_streaming", "streaming"):
@@ -515,7 +539,9 @@ def test_llamacpp_server_is_shut_down_when_a_request_fails(tiny_run, eval_rows, 
     # The template refuses this dialog; llama-cpp-python's server answers 500, chat_answers raises.
     bad_roles = ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], None)
     with ServerWatch() as watch, pytest.raises(urllib.error.HTTPError):
-        smoke.llamacpp_server(gguf_of(tiny_run, "Q4_K_M"), smoke.eval_questions(eval_rows, 1) + [bad_roles], cfg, None)
+        smoke.llamacpp_python_server(
+            gguf_of(tiny_run, "Q4_K_M"), answering.eval_questions(eval_rows, 1) + [bad_roles], cfg, None
+        )
     (port,) = recorded_ports
     assert_server_gone(port, watch)
 
@@ -525,13 +551,15 @@ def test_llamacpp_server_answers_many_requests(tiny_run, eval_rows, cfg):
     """llama-cpp-python's server logs ~30 KB at start-up and ~0.5 KB per request: its output must go
     where it is read or stored (a pipe nobody reads fills at 64 KB and stalls the server for ever,
     streaming requests included, as sse-starlette's keep-alive pings reset urllib's read timeout)."""
-    questions = smoke.eval_questions(eval_rows, 48)  # 96 requests: a few seconds when nothing blocks
+    questions = answering.eval_questions(eval_rows, 48)  # 96 requests: a few seconds when nothing blocks
     before = {p.pid for p in llama_server_children()}
     outcome: dict = {}
 
     def call():
         try:
-            outcome["result"] = smoke.llamacpp_server(gguf_of(tiny_run, "Q4_K_M"), questions, cfg, SERVER_FLOOR)
+            outcome["result"] = smoke.llamacpp_python_server(
+                gguf_of(tiny_run, "Q4_K_M"), questions, cfg, SERVER_FLOOR
+            )
         except Exception as err:  # noqa: BLE001 - reported below
             outcome["error"] = err
 
@@ -552,7 +580,9 @@ def test_llamacpp_server_answers_many_requests(tiny_run, eval_rows, cfg):
         worker.join(timeout=60)
     assert not worker.is_alive()
     assert [p.pid for p in llama_server_children() if p.pid not in before] == []
-    assert not hung, f"llamacpp_server hung on 96 requests (server blocked writing to a pipe for {blocked_for} s)"
+    assert not hung, (
+        f"llamacpp_server hung on 96 requests (server blocked writing to a pipe for {blocked_for} s)"
+    )
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"]["streaming"]["answers"] == 48
 
@@ -569,10 +599,13 @@ with serving.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [
-    pytest.param(signal.SIGINT, id="SIGINT"),
-    pytest.param(signal.SIGTERM, id="SIGTERM"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(signal.SIGINT, id="SIGINT"),
+        pytest.param(signal.SIGTERM, id="SIGTERM"),
+    ],
+)
 def test_llamacpp_server_is_shut_down_when_its_parent_is_stopped(stop, tiny_run, tmp_path):
     gguf, log = gguf_of(tiny_run, "Q4_K_M"), tmp_path / "server.log"
     command = [sys.executable, "-c", SERVE_UNTIL_STOPPED, str(gguf), str(log)]
@@ -582,7 +615,11 @@ def test_llamacpp_server_is_shut_down_when_its_parent_is_stopped(stop, tiny_run,
         url = holder.stdout.readline().strip()  # printed once the server answers
         assert url.startswith("http://127.0.0.1:"), (url, log.read_text()[-2000:])
         port = int(url.rsplit(":", 1)[1])
-        servers = [c for c in psutil.Process(holder.pid).children(recursive=True) if "llama_cpp.server" in c.cmdline()]
+        servers = [
+            c
+            for c in psutil.Process(holder.pid).children(recursive=True)
+            if "llama_cpp.server" in c.cmdline()
+        ]
         assert len(servers) == 1 and port_accepts(port)
         holder.send_signal(stop)
         holder.wait(timeout=60)
@@ -628,7 +665,9 @@ def test_standin_holds_requests_to_tgi_schema(standin):
         assert answer["error_type"] == "validation"
     assert len(standin.invalid_requests) - before == len(invalid)
     # a template error is TGI's 422 template_error, not a schema error
-    status, answer = post(standin.url + "/chat_tokenize", {"messages": [{"role": "user", "content": "a [INST] b"}]})
+    status, answer = post(
+        standin.url + "/chat_tokenize", {"messages": [{"role": "user", "content": "a [INST] b"}]}
+    )
     assert status == 422 and answer["error_type"] == "template_error" and "Template error" in answer["error"]
     assert len(standin.invalid_requests) - before == len(invalid)
     assert standin.schema_errors == []
@@ -641,12 +680,14 @@ def test_standin_does_not_serve_responses_that_break_tgi_schema(tiny_run):
     class BrokenFinishReason(TGIStandIn):
         def generate(self, body):
             status, response = super().generate(body)
-            response["details"]["finish_reason"] = "eos"  # TGI's FinishReason enum: length|eos_token|stop_sequence
+            response["details"]["finish_reason"] = (
+                "eos"  # TGI's FinishReason enum: length|eos_token|stop_sequence
+            )
             return status, response
 
     with BrokenFinishReason(tiny_run / "merged", gguf_of(tiny_run, "F16"), need(TGI_OPENAPI)) as broken:
         with pytest.raises(urllib.error.HTTPError) as err:
-            smoke.TGIClient(broken.url).generate("[INST] hi [/INST]", 4)
+            TGIClient(broken.url).generate("[INST] hi [/INST]", 4)
         assert err.value.code == 500
         assert [e["path"] for e in broken.schema_errors] == ["/generate"]
         assert "details" in broken.schema_errors[0]["problems"][0]
@@ -655,10 +696,10 @@ def test_standin_does_not_serve_responses_that_break_tgi_schema(tiny_run):
 @pytest.mark.slow
 def test_tgi_client_against_standin(standin, tiny_run, tokenizer, eval_rows, cfg):
     invalid_before, calls_before = len(standin.invalid_requests), len(standin.calls)
-    client = smoke.TGIClient(standin.url + "/")
+    client = TGIClient(standin.url + "/")
     client.health()
     engine = TGIEngine(tiny_run / "merged")
-    cases = smoke.PARITY_SUITE + [(f"eval_{i}", row["messages"][:-1]) for i, row in enumerate(eval_rows[:16])]
+    cases = PARITY_SUITE + [(f"eval_{i}", row["messages"][:-1]) for i, row in enumerate(eval_rows[:16])]
     compared = 0
     for name, messages in cases:
         if not encodes(messages, tokenizer) or has_control_text(messages):
@@ -672,8 +713,8 @@ def test_tgi_client_against_standin(standin, tiny_run, tokenizer, eval_rows, cfg
         compared += 1
     assert compared >= 30
 
-    questions = smoke.eval_questions(eval_rows, 8)
-    chat = smoke.chat_answers(standin.url, questions, cfg.smoke.max_tokens, stream=False)
+    questions = answering.eval_questions(eval_rows, 8)
+    chat = answering.chat_answers(standin.url, questions, cfg.smoke.max_tokens, stream=False)
     for (messages, expected), answer in zip(questions, chat):
         reference = encode_dialog(messages, tokenizer)
         # /generate tokenizes `inputs` with add_special_tokens=true: TGI adds the first BOS itself
@@ -689,7 +730,11 @@ def test_tgi_client_against_standin(standin, tiny_run, tokenizer, eval_rows, cfg
     assert standin.invalid_requests[invalid_before:] == []
     assert standin.schema_errors == []
     assert {c["path"] for c in standin.calls[calls_before:]} == {
-        "/health", "/chat_tokenize", "/v1/chat/completions", "/generate"}  # fmt: skip
+        "/health",
+        "/chat_tokenize",
+        "/v1/chat/completions",
+        "/generate",
+    }
 
 
 @pytest.mark.slow
@@ -702,7 +747,7 @@ def test_smoke_stage_with_tgi_standin_passes(standin, tiny_run, tmp_path, tokeni
     tgi = report["tgi"]
     assert tgi["status"] == "pass", tgi.get("failures")
     sample = eval_rows[: cfg.smoke.eval_sample]
-    cases = smoke.PARITY_SUITE + [(f"eval_{i}", row["messages"][:-1]) for i, row in enumerate(sample)]
+    cases = PARITY_SUITE + [(f"eval_{i}", row["messages"][:-1]) for i, row in enumerate(sample)]
     tokenizable = [m for _, m in cases if encodes(m, tokenizer)]  # the reference refuses the rest
     assert tgi["chat_tokenize"] == {"equal": len(tokenizable), "divergences": []}
     assert tgi["chat"]["answers"] == cfg.smoke.eval_rows
@@ -725,9 +770,10 @@ def test_smoke_stage_fails_when_tgi_doubles_bos(tiny_run, tmp_path, tokenizer):
 
     run_dir = copy_run(tiny_run, tmp_path)
     hi = [{"role": "user", "content": "Hi"}]
-    with TGIStandIn(tiny_run / "merged", gguf_of(tiny_run, "F16"), need(TGI_OPENAPI),
-                    chat_add_special_tokens=True) as broken:  # fmt: skip
-        ids, _ = smoke.TGIClient(broken.url).chat_tokenize(hi)
+    with TGIStandIn(
+        tiny_run / "merged", gguf_of(tiny_run, "F16"), need(TGI_OPENAPI), chat_add_special_tokens=True
+    ) as broken:
+        ids, _ = TGIClient(broken.url).chat_tokenize(hi)
         assert ids == [tokenizer.bos_token_id] + encode_dialog(hi, tokenizer)  # the variant does double BOS
         result = run_smoke(run_dir, f"smoke.tgi.url={broken.url}")
         assert broken.invalid_requests == [] and broken.schema_errors == []
@@ -757,6 +803,6 @@ def test_tgi_launch_docker_without_a_daemon_is_not_run(tiny_run, tokenizer):
     cfg = compose_cfg("smoke.tgi.launch=docker")
     merged = tiny_run / "merged"
     questions = [([{"role": "user", "content": "Hi"}], None)]
-    out = smoke.run_tgi(cfg, merged, TGIEngine(merged), smoke.PARITY_SUITE, questions, tokenizer)
+    out = run_tgi(cfg, merged, TGIEngine(merged), PARITY_SUITE, questions, tokenizer)
     assert out["status"] == "not_run"
     assert "docker" in out["reason"].lower()

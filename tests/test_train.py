@@ -19,11 +19,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_pipeline
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_pipeline
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog
-from pipeline.train import IGNORE_INDEX, encode_rows
+from pipeline.examples import IGNORE_INDEX, encode_rows
 
 TINY_MODEL_CONF = ROOT / "conf" / "model" / "tiny.yaml"
 SYNTHETIC_DATA_CONF = ROOT / "conf" / "data" / "synthetic.yaml"
@@ -217,8 +217,12 @@ def test_tiny_base_is_deterministic_and_an_ordinary_hf_dir(tmp_path):
     a, b = build_tiny(tmp_path / "a"), build_tiny(tmp_path / "b")
     files = sorted(p.name for p in a.iterdir())
     expected = {
-        "model.safetensors", "config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-    }  # fmt: skip
+        "model.safetensors",
+        "config.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert expected <= set(files)
     assert files == sorted(p.name for p in b.iterdir())
     for name in files:
@@ -329,16 +333,29 @@ def killed_run(tmp_path_factory) -> tuple[Path, int]:
     out_path = run_dir.parent / "killed.out"
     with out_path.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}",
-             f"train.sft.max_steps={RESUME_MAX_STEPS}", f"train.sft.save_steps={RESUME_SAVE_STEPS}"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "stage=train",
+                "experiment=tiny",
+                f"run_dir={run_dir}",
+                f"train.sft.max_steps={RESUME_MAX_STEPS}",
+                f"train.sft.save_steps={RESUME_SAVE_STEPS}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 600
             while KILL_AT not in complete_checkpoints(run_dir):
                 if proc.poll() is not None:
-                    pytest.fail(f"train exited ({proc.returncode}) before checkpoint-{KILL_AT}:\n"
-                                f"{out_path.read_text()[-3000:]}")  # fmt: skip
+                    pytest.fail(
+                        f"train exited ({proc.returncode}) before checkpoint-{KILL_AT}:\n"
+                        f"{out_path.read_text()[-3000:]}"
+                    )
                 if time.monotonic() > deadline:
                     pytest.fail(f"no checkpoint-{KILL_AT} within 600 s:\n{out_path.read_text()[-3000:]}")
                 time.sleep(0.1)
@@ -371,8 +388,12 @@ def test_killed_run_wrote_no_adapter(killed_run):
 def test_resume_auto_continues_from_the_last_checkpoint(killed_run, tmp_path):
     run_dir = copy_run(killed_run[0], tmp_path / "run")
     last = killed_run[1]
-    result = train(run_dir, "train.resume=auto", f"train.sft.max_steps={RESUME_MAX_STEPS}",
-                   f"train.sft.save_steps={RESUME_SAVE_STEPS}")  # fmt: skip
+    result = train(
+        run_dir,
+        "train.resume=auto",
+        f"train.sft.max_steps={RESUME_MAX_STEPS}",
+        f"train.sft.save_steps={RESUME_SAVE_STEPS}",
+    )
     logged = re.findall(r"resuming from (\S*checkpoint-(\d+))", pipeline_log(run_dir, result))
     assert logged, "the log does not say it resumed"
     assert {int(step) for _, step in logged} == {last}
@@ -401,8 +422,13 @@ def test_resume_auto_continues_from_the_last_checkpoint(killed_run, tmp_path):
 def test_resume_never_starts_fresh(killed_run, tmp_path):
     run_dir = copy_run(killed_run[0], tmp_path / "run")
     assert complete_checkpoints(run_dir)
-    result = train(run_dir, "train.resume=never", "train.sft.max_steps=20", "train.sft.save_steps=10",
-                   "train.eval_max_rows=4")  # fmt: skip
+    result = train(
+        run_dir,
+        "train.resume=never",
+        "train.sft.max_steps=20",
+        "train.sft.save_steps=10",
+        "train.eval_max_rows=4",
+    )
     assert "resuming from" not in pipeline_log(run_dir, result)
     metrics = read_json(run_dir / "metrics" / "train.json")
     assert metrics["resumed_from"] is None
@@ -419,9 +445,14 @@ def test_resume_auto_skips_an_incomplete_checkpoint(killed_run, tmp_path):
     partial = run_dir / "checkpoints" / f"checkpoint-{last + RESUME_SAVE_STEPS}"
     shutil.copytree(run_dir / "checkpoints" / f"checkpoint-{last}", partial)
     (partial / "trainer_state.json").unlink()
-    result = train(run_dir, "train.resume=auto", f"train.sft.max_steps={last + RESUME_SAVE_STEPS}",
-                   f"train.sft.save_steps={RESUME_SAVE_STEPS}", "train.eval_max_rows=4",
-                   check=False)  # fmt: skip
+    result = train(
+        run_dir,
+        "train.resume=auto",
+        f"train.sft.max_steps={last + RESUME_SAVE_STEPS}",
+        f"train.sft.save_steps={RESUME_SAVE_STEPS}",
+        "train.eval_max_rows=4",
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_json(run_dir / "metrics" / "train.json")
     assert Path(metrics["resumed_from"]).name == f"checkpoint-{last}"
@@ -459,7 +490,7 @@ def short_train(run_dir: Path, monkeypatch, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_packing_trains(tmp_path, monkeypatch):
-    from pipeline.data import read_jsonl
+    from pipeline.rows import read_jsonl
     from pipeline.tokenizer import build_tokenizer
 
     run_dir = tmp_path / "run"

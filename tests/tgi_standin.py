@@ -1,9 +1,10 @@
 """A stand-in for text-generation-inference (TGI), for tests only.
 
 TGI itself cannot run on this machine (no container engine daemon, no GPU), so the smoke stage's TGI
-client (`pipeline.smoke.TGIClient`, `chat_answers`, `tgi_live`) is tested against this small, real
-HTTP server (http.server on 127.0.0.1, a free port, served from a thread). It is not TGI and does not
-pretend to be more than the few endpoints the smoke stage uses; it is built on the real parts:
+client (`pipeline.tgi.TGIClient`, `pipeline.answering.chat_answers`, `pipeline.tgi.tgi_live`) is
+tested against this small, real HTTP server (http.server on 127.0.0.1, a free port, served from a
+thread). It is not TGI and does not pretend to be more than the few endpoints the smoke stage uses;
+it is built on the real parts:
 
 - the chat prompt, as TGI's router makes it: the model dir's `chat_template` rendered by minijinja
   with TGI's variables (`pipeline.engines.TGIEngine`) and tokenized by the `tokenizers` library from
@@ -64,7 +65,9 @@ class OpenAPISchemas:
 
         self.document = json.loads(Path(openapi_path).read_text())
         converted = openapi_to_json_schema(copy.deepcopy(self.document))
-        self.registry = Registry().with_resource(SCHEMA_URI, Resource(contents=converted, specification=DRAFT202012))
+        self.registry = Registry().with_resource(
+            SCHEMA_URI, Resource(contents=converted, specification=DRAFT202012)
+        )
         self._validators: dict[str, object] = {}
 
     def validator(self, pointer: str):
@@ -93,7 +96,9 @@ class OpenAPISchemas:
         if response is not None:
             if "application/json" not in response.get("content", {}):
                 return None  # documented without a body (GET /health 200)
-            return _pointer("paths", path, method, "responses", str(status), "content", "application/json", "schema")
+            return _pointer(
+                "paths", path, method, "responses", str(status), "content", "application/json", "schema"
+            )
         if status >= 400:
             return "#/components/schemas/ErrorResponse"
         raise KeyError(f"{method.upper()} {path}: status {status} is not documented in TGI's schema")
@@ -102,8 +107,16 @@ class OpenAPISchemas:
 class TGIStandIn:
     """The stand-in server; use as a context manager, or `start()` / `stop()`."""
 
-    def __init__(self, hf_dir: Path, gguf: Path, openapi: Path, *, chat_add_special_tokens: bool = False,
-                 n_ctx: int = 512, model_id: str = "tgi-standin"):  # fmt: skip
+    def __init__(
+        self,
+        hf_dir: Path,
+        gguf: Path,
+        openapi: Path,
+        *,
+        chat_add_special_tokens: bool = False,
+        n_ctx: int = 512,
+        model_id: str = "tgi-standin",
+    ):
         from llama_cpp import Llama
 
         from pipeline.engines import TGIEngine
@@ -116,9 +129,13 @@ class TGIStandIn:
         self.model_id = model_id
         # One thread: the test model is tiny, and a thread pool spinning at a barrier on a busy
         # 2-core machine costs more than it saves.
-        self.llama = Llama(model_path=str(gguf), n_ctx=n_ctx, seed=0, n_threads=1, n_threads_batch=1, verbose=False)
+        self.llama = Llama(
+            model_path=str(gguf), n_ctx=n_ctx, seed=0, n_threads=1, n_threads_batch=1, verbose=False
+        )
         if self.llama.token_eos() != self.eos_id:
-            raise ValueError(f"{gguf} and {hf_dir} disagree on EOS: {self.llama.token_eos()} != {self.eos_id}")
+            raise ValueError(
+                f"{gguf} and {hf_dir} disagree on EOS: {self.llama.token_eos()} != {self.eos_id}"
+            )
         self.n_ctx = n_ctx
         self._llama_lock = threading.Lock()  # one llama.cpp context: one generation at a time
         self._log_lock = threading.Lock()
@@ -139,7 +156,7 @@ class TGIStandIn:
     def port(self) -> int:
         return self.server.server_address[1]
 
-    def start(self) -> "TGIStandIn":
+    def start(self) -> TGIStandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="tgi-standin", daemon=True)
@@ -155,7 +172,7 @@ class TGIStandIn:
         with self._llama_lock:
             self.llama.close()
 
-    def __enter__(self) -> "TGIStandIn":
+    def __enter__(self) -> TGIStandIn:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -176,7 +193,9 @@ class TGIStandIn:
         generated = []
         with self._llama_lock:
             self.llama.reset()
-            for token in self.llama.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            for token in self.llama.generate(
+                prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+            ):
                 if token == self.eos_id:
                     return generated, True
                 generated.append(token)
@@ -194,8 +213,10 @@ class TGIStandIn:
 
     def chat_tokenize(self, body) -> tuple[int, object]:
         text, encoding = self.chat_prompt(body["messages"])
-        tokens = [{"id": i, "text": text[start:stop], "start": start, "stop": stop}
-                  for i, (start, stop) in zip(encoding.ids, encoding.offsets)]  # fmt: skip
+        tokens = [
+            {"id": i, "text": text[start:stop], "start": start, "stop": stop}
+            for i, (start, stop) in zip(encoding.ids, encoding.offsets)
+        ]
         return 200, {"tokenize_response": tokens, "templated_text": text}
 
     def chat_completions(self, body) -> tuple[int, object]:
@@ -210,10 +231,19 @@ class TGIStandIn:
             "created": int(time.time()),
             "model": self.model_id,
             "system_fingerprint": "3.3.6-dev0-standin",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.decode(generated)},
-                         "logprobs": None, "finish_reason": "stop" if eos else "length"}],  # fmt: skip
-            "usage": {"prompt_tokens": len(encoding.ids), "completion_tokens": len(generated) + eos,
-                      "total_tokens": len(encoding.ids) + len(generated) + eos},  # fmt: skip
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.decode(generated)},
+                    "logprobs": None,
+                    "finish_reason": "stop" if eos else "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(encoding.ids),
+                "completion_tokens": len(generated) + eos,
+                "total_tokens": len(encoding.ids) + len(generated) + eos,
+            },
         }
 
     def generate(self, body) -> tuple[int, object]:
@@ -227,10 +257,21 @@ class TGIStandIn:
             response["details"] = {
                 "finish_reason": "eos_token" if eos else "length",
                 "generated_tokens": len(all_ids),
-                "prefill": [{"id": i, "text": self.tokenizer.decode([i], skip_special_tokens=False), "logprob": None}
-                            for i in prompt_ids] if parameters.get("decoder_input_details") else [],  # fmt: skip
-                "tokens": [{"id": i, "text": self.tokenizer.decode([i], skip_special_tokens=False), "logprob": None,
-                            "special": i == self.eos_id} for i in all_ids],  # fmt: skip
+                "prefill": [
+                    {"id": i, "text": self.tokenizer.decode([i], skip_special_tokens=False), "logprob": None}
+                    for i in prompt_ids
+                ]
+                if parameters.get("decoder_input_details")
+                else [],
+                "tokens": [
+                    {
+                        "id": i,
+                        "text": self.tokenizer.decode([i], skip_special_tokens=False),
+                        "logprob": None,
+                        "special": i == self.eos_id,
+                    }
+                    for i in all_ids
+                ],
                 "seed": None,
                 "top_tokens": [],
             }
@@ -254,13 +295,19 @@ class TGIStandIn:
             try:
                 body = json.loads(raw or b"null")
             except json.JSONDecodeError as err:
-                return 400, {"error": f"Failed to parse the request body as JSON: {err}", "error_type": "validation"}
+                return 400, {
+                    "error": f"Failed to parse the request body as JSON: {err}",
+                    "error_type": "validation",
+                }
             problems = self.schemas.errors(self.schemas.request_pointer(path), body)
             if problems:
                 with self._log_lock:
                     self.invalid_requests.append({"path": path, "request": body, "problems": problems})
-                return 422, {"error": "Failed to deserialize the JSON body into the target type: "
-                             + "; ".join(problems), "error_type": "validation"}  # fmt: skip
+                return 422, {
+                    "error": "Failed to deserialize the JSON body into the target type: "
+                    + "; ".join(problems),
+                    "error_type": "validation",
+                }
         try:
             return getattr(self, route)(body)
         except TemplateRefused as err:
@@ -287,8 +334,10 @@ class TGIStandIn:
             if problems:
                 self.schema_errors.append({"path": path, "status": status, "problems": problems})
         if problems:
-            return 500, {"error": "TGI stand-in response broke TGI's schema: " + "; ".join(problems),
-                         "error_type": "standin"}  # fmt: skip
+            return 500, {
+                "error": "TGI stand-in response broke TGI's schema: " + "; ".join(problems),
+                "error_type": "standin",
+            }
         return status, response
 
 

@@ -1,0 +1,110 @@
+"""Answers of a served model to the eval set's questions, and how they are scored: accuracy where
+the answer is known, stop on EOS, and whether the prompt ids the engine fed equal Meta's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.chat import encode_dialog
+from pipeline.serving import http_json, http_sse
+
+
+def eval_questions(rows: list[dict], limit: int) -> list[tuple[list[dict], str | None]]:
+    return [(row["messages"][:-1], row.get("expected")) for row in rows[:limit]]
+
+
+def summarise(answers: list[dict], min_accuracy: float | None, min_eos_stop: float) -> dict:
+    checked = [a for a in answers if a["expected"] is not None]
+    accuracy = sum(a["correct"] for a in checked) / len(checked) if checked else None
+    eos_rate = sum(a["stopped_on_eos"] for a in answers) / len(answers) if answers else None
+    prompt_ok = all(a.get("prompt_ids_match", True) for a in answers)
+    failures = []
+    if min_accuracy is not None and accuracy is not None and accuracy < min_accuracy:
+        failures.append(f"accuracy {accuracy} < {min_accuracy}")  # judged only where answers are known
+    if eos_rate is not None and eos_rate < min_eos_stop:
+        failures.append(f"stopped on EOS {eos_rate:.2f} < {min_eos_stop}")
+    if not prompt_ok:
+        failures.append("prompt token ids differ from the reference")
+    return {
+        "status": "fail" if failures else "pass",
+        "failures": failures,
+        "accuracy": accuracy,
+        "stopped_on_eos": eos_rate,
+        "prompt_ids_match": prompt_ok,
+        "answers": len(answers),
+        "samples": answers[:3],
+    }
+
+
+def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> dict:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(gguf), n_ctx=cfg.smoke.n_ctx, seed=0, verbose=False)
+    try:
+        answers = []
+        for messages, expected in questions:
+            reference = encode_dialog(messages, tokenizer)
+            out = llama.create_chat_completion(
+                messages=messages, temperature=0.0, max_tokens=cfg.smoke.max_tokens
+            )
+            choice = out["choices"][0]
+            reply = choice["message"]["content"] or ""
+            evaluated = [int(t) for t in llama.input_ids[: len(reference)]]  # what llama.cpp actually fed
+            answers.append(
+                {
+                    "question": messages[-1]["content"],
+                    "expected": expected,
+                    "reply": reply,
+                    "correct": expected is not None and expected in reply,
+                    "stopped_on_eos": choice["finish_reason"] == "stop",
+                    "prompt_ids_match": evaluated == reference
+                    and out["usage"]["prompt_tokens"] == len(reference),
+                }
+            )
+        return summarise(answers, min_accuracy, cfg.smoke.min_eos_stop)
+    finally:
+        llama.close()
+
+
+def chat_answers(base_url: str, questions, max_tokens: int, stream: bool, tokenizer=None) -> list[dict]:
+    """Greedy answers through an OpenAI-compatible `/v1/chat/completions` (llama.cpp or TGI).
+
+    With `tokenizer`, each non-streamed answer also says whether the server's `usage.prompt_tokens`
+    is the length of the reference ids (a doubled BOS or a dropped one shows here)."""
+    answers = []
+    for messages, expected in questions:
+        body = {
+            "model": "model",
+            "messages": messages,
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "seed": 0,
+        }
+        if stream:
+            events = http_sse(f"{base_url}/v1/chat/completions", {**body, "stream": True})
+            reply = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+            finish = next(
+                (
+                    e["choices"][0].get("finish_reason")
+                    for e in reversed(events)
+                    if e.get("choices") and e["choices"][0].get("finish_reason")
+                ),
+                None,
+            )
+        else:
+            out = http_json(f"{base_url}/v1/chat/completions", body)
+            choice = out["choices"][0]
+            reply, finish = choice["message"]["content"] or "", choice["finish_reason"]
+        answer = {
+            "question": messages[-1]["content"],
+            "expected": expected,
+            "reply": reply,
+            "correct": expected is not None and expected in reply,
+            "stopped_on_eos": finish in ("stop", "eos_token"),
+        }
+        if tokenizer is not None and not stream:
+            answer["prompt_ids_match"] = out["usage"]["prompt_tokens"] == len(
+                encode_dialog(messages, tokenizer)
+            )
+        answers.append(answer)
+    return answers

@@ -1,0 +1,114 @@
+"""GGUF files with llama.cpp's own tools: convert a HF checkpoint (`convert_hf_to_gguf.py`, from the
+same llama.cpp tree as the bindings and the server, see `pipeline.llamacpp`), quantize, and check
+that a GGUF carries the chat template and BOS/EOS settings that keep Meta's token ids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.chat import LLAMA2_CHAT_TEMPLATE
+from pipeline.errors import ConfigError, GGUFCheckError, ToolFailed
+from pipeline.io import atomic_file
+from pipeline.layout import OUTTYPES
+from pipeline.llamacpp import LlamaCpp
+from pipeline.processes import die_with_parent
+
+
+def convert_to_gguf(
+    hf_dir: Path,
+    outfile: Path,
+    outtype: str = "f16",
+    vocab_only: bool = False,
+    check=None,
+    llamacpp: LlamaCpp | None = None,
+) -> None:
+    """Run llama.cpp's converter into a temporary file, `check(tmp)` it, then rename it to `outfile`."""
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"export.outtype={outtype!r}: expected one of {sorted(OUTTYPES)}")
+    converter = (llamacpp or LlamaCpp()).converter()
+    with atomic_file(outfile) as tmp:
+        command = [sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        result = subprocess.run(
+            command + (["--vocab-only"] if vocab_only else []),
+            capture_output=True,
+            text=True,
+            preexec_fn=die_with_parent,
+        )
+        if result.returncode != 0 or not tmp.is_file():
+            raise ToolFailed(f"{converter} failed on {hf_dir}:\n{result.stderr[-3000:]}")
+        if check is not None:
+            check(tmp)
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The GGUF's key/value metadata, read by llama.cpp itself (arrays are left out)."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return dict(llama.metadata)
+    finally:
+        llama.close()
+
+
+def check_gguf(path: Path, bos_id: int, eos_id: int) -> dict:
+    """Fail unless the GGUF serves the project's chat format with Meta's ids."""
+    metadata = read_gguf_metadata(path)
+    expected = {
+        "tokenizer.chat_template": LLAMA2_CHAT_TEMPLATE,
+        "tokenizer.ggml.bos_token_id": str(bos_id),
+        "tokenizer.ggml.eos_token_id": str(eos_id),
+        # The template emits BOS itself; llama-cpp-python then tokenizes with add_bos=False.
+        # add_bos_token=true is what plain completion (`/completion`, `Llama(prompt)`) needs.
+        "tokenizer.ggml.add_bos_token": "true",
+        # Meta's per-exchange sp.encode puts "▁" in front of each segment, also after <s>.
+        "tokenizer.ggml.add_space_prefix": "true",
+    }
+    problems = [
+        f"{key}: expected {value!r:.80}, found {metadata.get(key)!r:.80}"
+        for key, value in expected.items()
+        if metadata.get(key, "true" if key == "tokenizer.ggml.add_space_prefix" else None) != value
+    ]
+    if problems:
+        raise GGUFCheckError(f"{path}: " + "; ".join(problems))
+    return {key: metadata.get(key) for key in expected if key != "tokenizer.chat_template"}
+
+
+def known_quant_types() -> dict[str, int]:
+    """{"Q4_K_M": ftype, ...}: every type this build of llama.cpp can quantize to."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {name[len(prefix) :]: value for name, value in vars(llama_cpp).items() if name.startswith(prefix)}
+
+
+def check_quant_types(names) -> None:
+    """Before any work: a typo in export.quants must not cost a quantization first."""
+    types = known_quant_types()
+    unknown = [name for name in names if name not in types]
+    if unknown:
+        raise ConfigError(
+            f"export.quants: unknown quant type {unknown[0]!r}; valid: {', '.join(sorted(types))}"
+        )
+
+
+def quantize_gguf(source: Path, outfile: Path, type_name: str, check=None) -> None:
+    """llama.cpp's quantizer (`llama_model_quantize`, in-process) into a temporary, then renamed."""
+    import llama_cpp
+
+    check_quant_types([type_name])
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = known_quant_types()[type_name]
+    params.nthread = os.cpu_count() or 1
+    # From an already quantized source (export.outtype=q8_0) llama.cpp requantizes only when told;
+    # it costs fidelity, which the ladder then shows.
+    params.allow_requantize = not source.stem.endswith(("-F16", "-BF16", "-F32"))
+    with atomic_file(outfile) as tmp:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if status != 0 or not tmp.is_file():
+            raise ToolFailed(f"llama_model_quantize {source} -> {type_name} failed (status {status})")
+        if check is not None:
+            check(tmp)

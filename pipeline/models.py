@@ -1,0 +1,46 @@
+"""Loading models with transformers and peft: the 4-bit NF4 base the adapter is trained against,
+the same with the trained adapter, and full-precision checkpoints (merged, or base + adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def load_quantized_base(base: str, cfg):
+    """The base in 4-bit with `train.quantization` (bitsandbytes), one full copy per process."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization))
+    return AutoModelForCausalLM.from_pretrained(
+        base,
+        revision=cfg.model.revision if cfg.model.tiny is None else None,
+        quantization_config=quantization,
+        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
+        device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):
+    """What training produced: the 4-bit base with the adapter on top, unmerged."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_quantized_base(base, cfg), str(adapter_dir))
+
+
+def load_full_precision(path, dtype, adapter_dir: Path | None = None, trust_remote_code: bool = False):
+    """A checkpoint on the CPU in `dtype`, with an (unmerged) adapter on top when given."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model

@@ -1,0 +1,110 @@
+"""The stage table: for each stage, its module, the config keys that shape its outputs, and the files
+it reads and writes (all paths from `pipeline.layout`). The manifest hashes exactly these inputs
+and outputs, so a change to any of them reruns the stage; a test checks the inputs against the files
+each stage really opens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.layout import RunDir
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str  # has run(cfg, run_dir) -> metrics
+    config_keys: tuple[str, ...]  # the config keys (groups or dotted keys) that shape its outputs
+    inputs: Callable[[DictConfig, RunDir], list[Path]]
+    outputs: Callable[[DictConfig, RunDir], list[Path]]
+    always_run: bool = False
+
+
+def _local(path) -> list[Path]:
+    """A user-given local file or directory (a hub id is pinned by its revision in the config)."""
+    return [Path(path)] if path and Path(path).exists() else []
+
+
+def data_inputs(cfg, run: RunDir) -> list[Path]:
+    return _local(cfg.data.path)
+
+
+def train_inputs(cfg, run: RunDir) -> list[Path]:
+    base = [] if cfg.model.tiny is not None else _local(cfg.model.name_or_path)
+    return [run.train_rows, run.eval_rows, *_local(cfg.model.tokenizer_path), *base]
+
+
+def train_outputs(cfg, run: RunDir) -> list[Path]:
+    return [run.adapter, run.metrics("train"), *([run.base] if cfg.model.tiny is not None else [])]
+
+
+def merge_inputs(cfg, run: RunDir) -> list[Path]:
+    base = [run.base] if cfg.model.tiny is not None else _local(cfg.model.name_or_path)
+    # metrics/train.json: the model card quotes the training figures.
+    return [run.adapter, *base, run.eval_rows, run.metrics("train")]
+
+
+def convert_inputs(cfg, run: RunDir) -> list[Path]:
+    return [run.merged, run.eval_rows]  # eval rows: the fidelity ladder's rung for the converted GGUF
+
+
+def quantize_inputs(cfg, run: RunDir) -> list[Path]:
+    # merged/: the tokenizer for the GGUF check and the ladder's reference logits.
+    return [run.converted_gguf(cfg.export.outtype), run.merged, run.eval_rows]
+
+
+def smoke_artifacts(cfg, run: RunDir) -> tuple[Path, list[Path]]:
+    """(merged HF dir, GGUFs) to check: the run's, or those smoke.hf_dir / smoke.gguf name."""
+    hf_dir = Path(cfg.smoke.hf_dir) if cfg.smoke.hf_dir else run.merged
+    return hf_dir, [Path(p) for p in cfg.smoke.gguf] or [run.gguf(q) for q in cfg.export.quants]
+
+
+def smoke_inputs(cfg, run: RunDir) -> list[Path]:
+    hf_dir, ggufs = smoke_artifacts(cfg, run)
+    return [hf_dir, *ggufs, run.eval_rows]
+
+
+# The GGUF file names: <export.name or model.name-data.name>-<TYPE>.gguf.
+GGUF_NAME_KEYS = ("export.name", "model.name", "data.name")
+# The fidelity ladder measured in convert and quantize: its rows, length limit, floors, loader.
+LADDER_KEYS = (
+    "export.ladder_rows",
+    "export.min_top1_agreement",
+    "train.max_length",
+    "model.trust_remote_code",
+)
+
+STAGES: dict[str, StageSpec] = {
+    "data": StageSpec("pipeline.data", ("data",), data_inputs, lambda cfg, run: [run.data]),
+    "train": StageSpec("pipeline.train", ("model", "train"), train_inputs, train_outputs),
+    "merge": StageSpec(
+        "pipeline.merge",
+        # data.*: the model card names the dataset.
+        ("model", "train", "merge", "data.name", "data.hub_id", "data.path"),
+        merge_inputs,
+        lambda cfg, run: [run.merged, run.metrics("merge")],
+    ),
+    "convert": StageSpec(
+        "pipeline.convert",
+        ("export.outtype", "llamacpp", *GGUF_NAME_KEYS, *LADDER_KEYS),
+        convert_inputs,
+        lambda cfg, run: [run.converted_gguf(cfg.export.outtype)],
+    ),
+    "quantize": StageSpec(
+        "pipeline.quantize",
+        ("export", "llamacpp", *GGUF_NAME_KEYS, *LADDER_KEYS),
+        quantize_inputs,
+        lambda cfg, run: [run.gguf(q) for q in cfg.export.quants],
+    ),
+    # Always reruns: it checks live engines, whose behaviour is not an input the manifest hashes.
+    "smoke": StageSpec(
+        "pipeline.smoke",
+        ("smoke", "export", "llamacpp"),
+        smoke_inputs,
+        lambda cfg, run: [run.smoke_report],
+        True,
+    ),
+}
