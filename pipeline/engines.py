@@ -188,9 +188,7 @@ class LlamaServerEngine:
 
         try:
             return http_json(f"{self.base_url}/apply-template", {"messages": messages})["prompt"]
-        except (
-            urllib.error.HTTPError
-        ) as err:  # the template raised: llama-server answers 4xx/5xx with the message
+        except urllib.error.HTTPError as err:  # the template raised: a 4xx/5xx carrying its message
             raise TemplateRefused(f"HTTP {err.code}: {err.read().decode(errors='replace')[:300]}") from err
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -203,4 +201,32 @@ class LlamaServerEngine:
         from pipeline.serving import http_json
 
         body = {"content": text, "add_special": add_special, "parse_special": parse_special}
+        return http_json(f"{self.base_url}/tokenize", body)["tokens"]
+
+
+class VLLMEngine:
+    """vLLM, live: `/tokenize` with `messages` renders the chat with the model directory's own
+    `chat_template` and tokenizes it exactly as `/v1/chat/completions` does (the template emits BOS;
+    vLLM's chat path adds none)."""
+
+    name = "vllm"
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        import urllib.error
+
+        from pipeline.serving import http_json
+
+        body = {"model": "model", "messages": messages, "add_generation_prompt": True}
+        try:
+            return http_json(f"{self.base_url}/tokenize", body)["tokens"]
+        except urllib.error.HTTPError as err:  # the template raised: HTTP 400 with its message
+            raise TemplateRefused(f"HTTP {err.code}: {err.read().decode(errors='replace')[:300]}") from err
+
+    def text_ids(self, text: str) -> list[int]:
+        from pipeline.serving import http_json
+
+        body = {"model": "model", "prompt": text, "add_special_tokens": False}
         return http_json(f"{self.base_url}/tokenize", body)["tokens"]

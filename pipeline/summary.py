@@ -54,6 +54,14 @@ def format_smoke_report(report: dict) -> str:
     )
     tgi = report["tgi"]
     row("TGI live", tgi["status"], tgi.get("reason", "; ".join(tgi.get("failures", []))))
+    v = report.get("vllm", {"status": "not_run", "reason": "not checked"})
+    if v["status"] == "not_run":
+        row("vLLM live", v["status"], v["reason"])
+    else:
+        p = v["parity"]
+        row(f"parity: vLLM ({v['vllm']}) merged/", p["status"], f"{p['equal']}/{p['cases']} equal")
+        for mode in ("non_streaming", "streaming"):
+            row(f"vLLM {mode}", v[mode]["status"], answers(v[mode]))
     lines.append(
         "space-run tokenization differences (HF vs llama.cpp) on eval rows: "
         f"{len(report['llamacpp'].get('space_run_differences', []))}"

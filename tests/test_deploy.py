@@ -23,7 +23,7 @@ DOCKERFILE_TRAIN = ROOT / "Dockerfile.train"
 DOCKERFILE_SERVE = ROOT / "Dockerfile.serve"
 DOCKERFILES = [DOCKERFILE_TRAIN, DOCKERFILE_SERVE]
 # The stages people run (build targets); every other stage only feeds them.
-FINAL_STAGES = {DOCKERFILE_TRAIN.name: ["train"], DOCKERFILE_SERVE.name: ["tgi", "llamacpp"]}
+FINAL_STAGES = {DOCKERFILE_TRAIN.name: ["train"], DOCKERFILE_SERVE.name: ["tgi", "vllm", "llamacpp"]}
 ACCELERATE_DIR = ROOT / "conf" / "accelerate"
 
 
@@ -193,6 +193,11 @@ def test_serve_targets_take_the_chat_template_from_the_artifact():
     tgi = stage_named(DOCKERFILE_SERVE, "tgi")
     assert tgi.base.startswith("ghcr.io/huggingface/text-generation-inference:")
     assert "/health" in tgi.all("HEALTHCHECK")[-1]
+    vllm = stage_named(DOCKERFILE_SERVE, "vllm")
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm.base)
+    assert json.loads(vllm.all("CMD")[-1])[:3] == ["/model", "--served-model-name", "model"]
+    assert "/health" in vllm.all("HEALTHCHECK")[-1]
+    assert "VLLM_NO_USAGE_STATS=1" in " ".join(vllm.all("ENV"))
     llamacpp = stage_named(DOCKERFILE_SERVE, "llamacpp")
     assert json.loads(llamacpp.all("ENTRYPOINT")[-1]) == ["llama-server"]
     assert "/health" in llamacpp.all("HEALTHCHECK")[-1]

