@@ -172,19 +172,28 @@ def run(cfg, run_dir: Path) -> dict:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Train tokens/s of this process's run (a resumed run counts only what it trained itself)."""
+    """Train tokens/s of this process's run (a resumed run counts only what it trained itself), and on
+    a GPU the peak memory torch allocated during training."""
 
     def __init__(self):
         self.figures = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self._start = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_train_end(self, args, state, control, **kwargs):
+        import torch
+
         seconds = time.perf_counter() - self._start[0]
         tokens = state.num_input_tokens_seen - self._start[1]
+        gpu = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         self.figures = {
             "train_seconds": seconds,
             "train_tokens": tokens,
             "train_tokens_per_s": tokens / seconds if seconds else None,
+            "peak_gpu_memory_gb": gpu,
         }

@@ -1,0 +1,55 @@
+"""The benchmarks' code paths, run for real at a reduced shape (their figures are printed by the
+scripts themselves, measured against a baseline in the same run; nothing here times anything)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from pipeline.llamacpp import LlamaCpp
+
+
+@pytest.mark.slow
+def test_gpu_7b_bench_runs_its_whole_path_on_a_cpu(tmp_path, llamacpp: LlamaCpp):
+    """bench/gpu_7b.py --cpu-check: a 1-layer model with Llama-2-7B's widths goes through the train
+    stage and the plain trl script, both merges, convert and quantize (not measured on a GPU here)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_7b
+
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_7b.py",
+            "--cpu-check",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["mode"].startswith("cpu-check") and "not a benchmark" in r["mode"]
+    config = json.loads((tmp_path / "work" / "base" / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "rms_norm_eps"):
+        assert config[key] == gpu_7b.LLAMA2_7B[key], key  # real widths, fewer layers
+    assert config["num_hidden_layers"] == r["base"]["layers"] == 1
+    for name in ("project", "trl"):
+        train = r["train"][name]
+        assert train["train_tokens"] > 0 and train["train_tokens_per_s"] > 0, (name, train)
+        assert train["peak_gpu_memory_gb"] is None  # no GPU: not reported as a figure
+    assert r["train"]["project"]["gradient_checkpointing"] is True  # the recipe's setting, kept on a CPU
+    for method in ("project", "peft"):
+        assert r["merge"][method]["seconds"] > 0 and r["merge"][method]["peak_rss_mb"] > 0
+    assert set(r["stages"]) == {"merge", "convert", "quantize"}
+    assert any(name.endswith("-Q4_K_M.gguf") for name in r["gguf_bytes"])
+    assert "ratio (project / trl)" in result.stdout
