@@ -15,6 +15,7 @@ from pipeline.io import atomic_file
 from pipeline.layout import OUTTYPES
 from pipeline.llamacpp import LlamaCpp
 from pipeline.processes import die_with_parent
+from pipeline.progress import stderr_is_terminal
 
 
 def convert_to_gguf(
@@ -31,16 +32,26 @@ def convert_to_gguf(
     converter = (llamacpp or LlamaCpp()).converter()
     with atomic_file(outfile) as tmp:
         command = [sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-        result = subprocess.run(
-            command + (["--vocab-only"] if vocab_only else []),
-            capture_output=True,
-            text=True,
-            preexec_fn=die_with_parent,
-        )
-        if result.returncode != 0 or not tmp.is_file():
-            raise ToolFailed(f"{converter} failed on {hf_dir}:\n{result.stderr[-3000:]}")
+        returncode, stderr = run_showing_progress(command + (["--vocab-only"] if vocab_only else []))
+        if returncode != 0 or not tmp.is_file():
+            raise ToolFailed(f"{converter} failed on {hf_dir}:\n{stderr[-3000:]}")
         if check is not None:
             check(tmp)
+
+
+def run_showing_progress(command: list[str]) -> tuple[int, str]:
+    """Run a tool that draws its own progress on stderr (the converter's tqdm bar): passed through
+    when our stderr is a terminal, kept (its tail, for the error message) either way."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+    )
+    show, tail = stderr_is_terminal(), b""
+    while chunk := process.stderr.read1(4096):
+        if show:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+        tail = (tail + chunk)[-6000:]
+    return process.wait(), tail.decode(errors="replace")
 
 
 def read_gguf_metadata(path: Path) -> dict:

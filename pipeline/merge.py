@@ -31,6 +31,7 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
 from pipeline.model_card import write_model_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision
+from pipeline.progress import progress
 from pipeline.rows import read_jsonl
 from pipeline.tokenizer import load_tokenizer
 
@@ -210,7 +211,7 @@ def merge_weights(
     """Stream every base tensor through (roundtrip?) + delta into output shards. The adapter must
     fit the base (`check_adapter_fits`)."""
     writer, merged = ShardWriter(out_dir, max_bytes), 0
-    for path in base_files:
+    for path in progress(base_files, "merge", unit="shard"):
         with safe_open(path, "pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)

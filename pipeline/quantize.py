@@ -10,6 +10,7 @@ from pipeline.errors import MissingInput
 from pipeline.gguf import check_gguf, check_quant_types, quantize_gguf
 from pipeline.ladder import gguf_rung
 from pipeline.layout import RunDir
+from pipeline.progress import progress
 from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def run(cfg, run_dir: Path) -> dict:
         check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
     metrics = {"source": source.name, "files": {}, "ladder": {}}
-    for type_name in cfg.export.quants:
+    for type_name in progress(cfg.export.quants, "quantize", unit="type"):
         outfile = layout.gguf(type_name)
         if outfile != source:  # export.outtype=q8_0: the converter already wrote that one
             quantize_gguf(source, outfile, type_name, check=check)

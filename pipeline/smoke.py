@@ -37,6 +37,7 @@ from pipeline.io import write_json
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.parity import PARITY_SUITE, engine_parity, space_run_differences
+from pipeline.progress import progress
 from pipeline.rows import read_jsonl
 from pipeline.serving import serve_gguf, serve_llama_server, serve_vllm
 from pipeline.stages import smoke_artifacts
@@ -173,18 +174,22 @@ def run(cfg, run_dir: Path) -> dict:
     cases = PARITY_SUITE + eval_cases
     questions = eval_questions(eval_rows, cfg.smoke.eval_rows)
     report = {"artifacts": {"hf_dir": str(hf_dir), "gguf": [str(g) for g in ggufs]}}
+    engines = progress(desc="smoke", total=4 + len(ggufs), unit="engine")
 
     # 1. transformers and the TGI reproduction: parity; TGI itself where it runs.
+    engines.set_postfix_str("transformers, TGI")
     report["transformers"] = engine_parity(transformers_engine, cases, tokenizer)
     tgi_engine = TGIEngine(hf_dir)
     report["tgi"] = {"offline_parity": engine_parity(tgi_engine, cases, tokenizer)}
     report["tgi"].update(run_tgi(cfg, hf_dir, tgi_engine, cases, questions, tokenizer))
     if report["tgi"]["offline_parity"]["status"] == "fail":
         report["tgi"]["status"] = "fail"
+    engines.update()
 
     # 2. llama-cpp-python: parity and answers on every GGUF, then its server on one.
     section = {"parity": {}, "in_process": {}}
     for gguf in ggufs:
+        engines.set_postfix_str(f"llama-cpp-python {gguf.name}")
         engine = LlamaCppEngine(gguf)
         section["parity"][gguf.name] = engine_parity(engine, cases, tokenizer)
         if "space_run_differences" not in section:  # the vocabulary is the same in every GGUF: once
@@ -192,12 +197,15 @@ def run(cfg, run_dir: Path) -> dict:
         engine.llama.close()
         min_accuracy = cfg.smoke.min_accuracy.get(quant_type(gguf))
         section["in_process"][gguf.name] = llamacpp_in_process(gguf, questions, tokenizer, cfg, min_accuracy)
+        engines.update()
     server_gguf = next((g for g in ggufs if quant_type(g) == cfg.smoke.server_quant), ggufs[-1])
     server_min_accuracy = cfg.smoke.min_accuracy.get(quant_type(server_gguf))
     server_questions = questions[: cfg.smoke.server_rows]
+    engines.set_postfix_str("llama-cpp-python server")
     section["server"] = llamacpp_python_server(
         server_gguf, server_questions, cfg, server_min_accuracy, layout.smoke / "llamacpp-server.log"
     )
+    engines.update()
     statuses = [p["status"] for p in section["parity"].values()]
     statuses += [r["status"] for r in section["in_process"].values()]
     statuses += [section["server"][mode]["status"] for mode in ("non_streaming", "streaming")]
@@ -205,13 +213,18 @@ def run(cfg, run_dir: Path) -> dict:
     report["llamacpp"] = section
 
     # 3. llama.cpp's own server.
+    engines.set_postfix_str("llama-server")
     report["llama_server"] = llama_server(
         server_gguf, cases, questions, tokenizer, cfg, server_min_accuracy, layout.smoke
     )
+    engines.update()
 
     # 4. vLLM, where installed.
+    engines.set_postfix_str("vLLM")
     served = questions[: cfg.smoke.server_rows]
     report["vllm"] = vllm_section(hf_dir, served_prompts(cases), served, tokenizer, cfg, layout.smoke)
+    engines.update()
+    engines.close()
 
     write_json(layout.smoke_report, report)
     print(format_smoke_report(report))

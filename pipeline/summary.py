@@ -1,4 +1,4 @@
-"""What a run prints: the smoke report's table and the run summary (stage times, fidelity ladder)."""
+"""What a run prints: the smoke report's table and one run summary (stages, artifacts, engines, ladder)."""
 
 from __future__ import annotations
 
@@ -76,13 +76,102 @@ def format_ladder(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stage_results(stages: dict) -> dict[str, str]:
+    """One line per stage, from the metrics it recorded in the manifest."""
+    m = {name: record.get("metrics", {}) for name, record in stages.items()}
+    out = {}
+    if "data" in m:
+        out["data"] = f"{m['data'].get('train_rows')} train / {m['data'].get('eval_rows')} eval rows"
+    if "train" in m:
+        t = m["train"]
+        accuracy = (t.get("answer_accuracy_trained") or {}).get("accuracy")
+        base = (t.get("answer_accuracy_untrained_base") or {}).get("accuracy")
+        busy = t.get("cpu_cores_busy_with_other_work")
+        out["train"] = f"{t.get('steps')} steps, {t.get('train_tokens_per_s') or 0:,.0f} train tokens/s" + (
+            f" (other work kept {busy} cores busy)" if busy else ""
+        )
+        if accuracy is not None:
+            out["train"] += f", eval answer accuracy {accuracy:.2f} (untrained base {base:.2f})"
+    if "merge" in m:
+        check = m["merge"].get("self_check", {})
+        out["merge"] = (
+            f"{m['merge'].get('mode')}, self-check max |dlogit| {check.get('max_abs_logit_diff', 0):.3g}"
+        )
+    if "convert" in m:
+        out["convert"] = f"{m['convert'].get('gguf')}"
+    if "quantize" in m:
+        out["quantize"] = ", ".join(m["quantize"].get("files", {}))
+    if "smoke" in m:
+        out["smoke"] = ", ".join(f"{engine} {status}" for engine, status in m["smoke"].items())
+    return out
+
+
+def artifact_sizes(artifacts: dict) -> list[tuple[str, int]]:
+    """(artifact, bytes): the deployables, a directory summed."""
+    sizes: dict[str, int] = {}
+    for rel, record in artifacts.items():
+        top = rel.split("/")[0]
+        key = rel if top == "gguf" else f"{top}/"
+        if top in ("merged", "adapter", "gguf"):
+            sizes[key] = sizes.get(key, 0) + record["size"]
+    return sorted(sizes.items())
+
+
+def engine_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(engine, parity, accuracy, EOS stop) per engine the smoke stage ran."""
+
+    def parity(p):
+        return f"{p['equal']}/{p['cases']}"
+
+    def answers(r):
+        return (str(r.get("accuracy")), str(r.get("stopped_on_eos")))
+
+    rows = [("transformers", parity(report["transformers"]), "-", "-")]
+    rows.append(("TGI reproduction (not TGI)", parity(report["tgi"]["offline_parity"]), "-", "-"))
+    if report["tgi"].get("status") == "not_run":
+        rows.append(("TGI live", "not run", "-", "-"))
+    for name, p in report["llamacpp"]["parity"].items():
+        rows.append((f"llama-cpp-python {name}", parity(p), *answers(report["llamacpp"]["in_process"][name])))
+    native = report["llama_server"]
+    rows.append(
+        (f"llama-server {native['gguf']}", parity(native["parity"]), *answers(native["non_streaming"]))
+    )
+    vllm = report.get("vllm", {})
+    if vllm.get("status") == "not_run":
+        rows.append(("vLLM", "not run", "-", "-"))
+    elif vllm:
+        rows.append((f"vLLM ({vllm['vllm']})", parity(vllm["parity"]), *answers(vllm["non_streaming"])))
+    return rows
+
+
 def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
-    """Stage times of this invocation and the fidelity ladder, from the run's manifest."""
+    """One summary of the run, from its manifest and smoke report: stages with their times and
+    results, the artifacts and their sizes, the engines, and the fidelity ladder."""
+    import json
+
     from pipeline.ladder import ladder_table
+    from pipeline.layout import RunDir
     from pipeline.manifest import Manifest
 
-    spent = ", ".join(f"{name} {'skipped' if s is None else f'{s:.1f} s'}" for name, s in times.items())
-    print(f"\nStage times ({run_dir}): {spent}; total {sum(s or 0 for s in times.values()):.1f} s")
-    rows = ladder_table(Manifest(run_dir).data)
+    data = Manifest(run_dir).data
+    stages = data.get("stages", {})
+    results = stage_results(stages)
+    print(f"\nRun summary ({run_dir})")
+    print(f"{'stage':<10} {'time':>9}  result")
+    for name, seconds in times.items():
+        spent = "skipped" if seconds is None else f"{seconds:.1f} s"
+        print(f"{name:<10} {spent:>9}  {results.get(name, '')}")
+    print(f"{'total':<10} {sum(s or 0 for s in times.values()):>7.1f} s")
+    sizes = artifact_sizes(data.get("artifacts", {}))
+    if sizes:
+        print(f"\n{'artifact':<44} {'size':>10}")
+        for rel, size in sizes:
+            print(f"{rel:<44} {size / 1e6:>7.1f} MB")
+    report_path = RunDir(Path(run_dir)).smoke_report
+    if "smoke" in times and report_path.is_file():
+        print(f"\n{'engine':<50} {'parity':>8} {'accuracy':>9} {'EOS stop':>9}")
+        for engine, parity, accuracy, eos in engine_rows(json.loads(report_path.read_text())):
+            print(f"{engine:<50} {parity:>8} {accuracy:>9} {eos:>9}")
+    rows = ladder_table(data)
     if rows:
-        print(f"\nFidelity ladder ({run_dir}, eval set, assistant tokens):\n{format_ladder(rows)}")
+        print(f"\nFidelity ladder (eval set, assistant tokens):\n{format_ladder(rows)}")

@@ -9,6 +9,7 @@ assistant tokens and the EOS closing each assistant turn only.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import time
@@ -183,7 +184,7 @@ class ThroughputCallback(TrainerCallback):
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._start = (time.perf_counter(), state.num_input_tokens_seen)
+        self._start = (time.perf_counter(), state.num_input_tokens_seen, _cpu_seconds())
 
     def on_train_end(self, args, state, control, **kwargs):
         import torch
@@ -191,9 +192,34 @@ class ThroughputCallback(TrainerCallback):
         seconds = time.perf_counter() - self._start[0]
         tokens = state.num_input_tokens_seen - self._start[1]
         gpu = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        machine, own = (now - then for now, then in zip(_cpu_seconds(), self._start[2]))
+        others = max(machine - own, 0.0) / seconds if seconds else 0.0
         self.figures = {
             "train_seconds": seconds,
             "train_tokens": tokens,
             "train_tokens_per_s": tokens / seconds if seconds else None,
             "peak_gpu_memory_gb": gpu,
+            # Cores other processes kept busy meanwhile. On a CPU they cost far more than their share:
+            # torch's OpenMP threads wait for each other at every op, and a descheduled one stalls the
+            # rest (2-core machine, 40 tiny steps: idle 5,300-6,500 tokens/s, 4 busy processes 446).
+            "cpu_cores_busy_with_other_work": round(others, 2),
+            "cpu_count": os.cpu_count(),
         }
+        if others > 0.25 * (os.cpu_count() or 1) and not torch.cuda.is_available():
+            log.warning(
+                "other processes kept %.1f of %d cores busy during training: train tokens/s (%.0f) is not "
+                "comparable with a figure from an idle machine",
+                others,
+                os.cpu_count(),
+                self.figures["train_tokens_per_s"] or 0,
+            )
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU-seconds the whole machine has spent not idle, this process's CPU-seconds incl. children)."""
+    import psutil
+
+    machine = psutil.cpu_times()
+    busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = psutil.Process().cpu_times()
+    return busy, own.user + own.system + own.children_user + own.children_system
