@@ -111,12 +111,20 @@ class MergeConfig:
 
 
 @dataclass
+class ImatrixConfig:
+    types: list[str] = field(default_factory=list)  # quant types made with the importance matrix
+    ctx: int = 512  # llama-imatrix --ctx-size
+    chunks: int = 64  # llama-imatrix --chunks: at most chunks * ctx tokens of training rows
+
+
+@dataclass
 class ExportConfig:
     name: Optional[str] = None
     outtype: str = "f16"
     quants: list[str] = field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
     ladder_rows: int = 16
     min_top1_agreement: dict[str, float] = field(default_factory=dict)
+    imatrix: ImatrixConfig = field(default_factory=ImatrixConfig)
 
 
 @dataclass
@@ -211,6 +219,8 @@ def check_settings(cfg) -> None:
         if len(cfg.export.quants) > 0
         else "export.quants=[]: expected at least one quant type, e.g. [Q4_K_M]",
         positive("export.ladder_rows", cfg.export.ladder_rows),
+        positive("export.imatrix.ctx", cfg.export.imatrix.ctx),
+        positive("export.imatrix.chunks", cfg.export.imatrix.chunks),
         positive("smoke.n_ctx", cfg.smoke.n_ctx),
         positive("smoke.max_tokens", cfg.smoke.max_tokens),
     ]

@@ -1,6 +1,5 @@
 """Convert stage: `merged/` -> `gguf/<name>-<TYPE>.gguf` (TYPE from export.outtype) with llama.cpp's
-own converter, checked for the chat template and BOS/EOS settings before it gets its final name,
-then measured on the eval set against the merged model (the fidelity ladder's first GGUF rung)."""
+own converter, checked for the chat template and BOS/EOS settings before it gets its final name."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ from pathlib import Path
 from pipeline.errors import MissingInput
 from pipeline.gguf import check_gguf, convert_to_gguf
 from pipeline.io import check_safetensors
-from pipeline.ladder import gguf_rung
-from pipeline.layout import OUTTYPES, RunDir
+from pipeline.layout import RunDir
 from pipeline.llamacpp import LlamaCpp
 from pipeline.tokenizer import load_tokenizer
 
@@ -41,5 +39,4 @@ def run(cfg, run_dir: Path) -> dict:
         "gguf": outfile.name,
         "metadata": checked,
         "llama_cpp": llamacpp.version(),
-        "ladder": {OUTTYPES[cfg.export.outtype]: gguf_rung(cfg, layout, outfile)},
     }

@@ -108,3 +108,27 @@ def compare(logits: list[np.ndarray], reference: list[np.ndarray]) -> dict:
         "top1_agreement": agree / count,
         "tokens": count,
     }
+
+
+def kl_divergences(logits: list[np.ndarray], reference: list[np.ndarray]) -> np.ndarray:
+    """KL(reference || artifact) of the next-token distribution at every compared position, as
+    `llama-perplexity --kl-divergence` computes it (there: over whole chunks; here: assistant tokens)."""
+    out = []
+    for lg, ref in zip(logits, reference):
+        lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(lg.astype(np.float64))
+        out.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def rung(logits: list[np.ndarray], reference: list[np.ndarray], sequences: list[EvalSequence]) -> dict:
+    """One artifact against the reference: mean and 99th-percentile KL, top-1 agreement, perplexity."""
+    kl = kl_divergences(logits, reference)
+    agree = sum(int((lg.argmax(-1) == ref.argmax(-1)).sum()) for lg, ref in zip(logits, reference))
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": agree / len(kl),
+        "perplexity": perplexity(logits, sequences),
+        "tokens": int(len(kl)),
+    }

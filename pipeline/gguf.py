@@ -5,6 +5,7 @@ that a GGUF carries the chat template and BOS/EOS settings that keep Meta's toke
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE
 from pipeline.errors import ConfigError, GGUFCheckError, ToolFailed
 from pipeline.io import atomic_file
-from pipeline.layout import OUTTYPES
+from pipeline.layout import OUTTYPES, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.processes import die_with_parent
 from pipeline.progress import stderr_is_terminal
@@ -106,20 +107,62 @@ def check_quant_types(names) -> None:
         )
 
 
-def quantize_gguf(source: Path, outfile: Path, type_name: str, check=None) -> None:
-    """llama.cpp's quantizer (`llama_model_quantize`, in-process) into a temporary, then renamed."""
-    import llama_cpp
-
+def quantize_gguf(
+    source: Path, outfile: Path, type_name: str, llamacpp: LlamaCpp, imatrix: Path | None = None, check=None
+) -> None:
+    """llama.cpp's own `llama-quantize` into a temporary, checked, then renamed; with `imatrix`, its
+    importance matrix weights the quantization error (`--imatrix`)."""
     check_quant_types([type_name])
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = known_quant_types()[type_name]
-    params.nthread = os.cpu_count() or 1
+    command = [str(llamacpp.tool("llama-quantize"))]
+    if imatrix is not None:
+        command += ["--imatrix", str(imatrix)]
     # From an already quantized source (export.outtype=q8_0) llama.cpp requantizes only when told;
     # it costs fidelity, which the ladder then shows.
-    params.allow_requantize = not source.stem.endswith(("-F16", "-BF16", "-F32"))
+    if quant_type(source) not in ("F16", "BF16", "F32"):
+        command.append("--allow-requantize")
     with atomic_file(outfile) as tmp:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-        if status != 0 or not tmp.is_file():
-            raise ToolFailed(f"llama_model_quantize {source} -> {type_name} failed (status {status})")
+        command += [str(source), str(tmp), type_name, str(os.cpu_count() or 1)]
+        result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
+        if result.returncode != 0 or not tmp.is_file():
+            raise ToolFailed(
+                f"llama-quantize {source} -> {type_name} failed ({result.returncode}):\n"
+                f"{result.stderr[-3000:]}"
+            )
         if check is not None:
             check(tmp)
+
+
+def compute_imatrix(
+    model: Path, calibration_text: Path, outfile: Path, llamacpp: LlamaCpp, ctx: int, chunks: int
+) -> dict:
+    """llama.cpp's own `llama-imatrix` over `calibration_text` (chat-formatted training rows; special
+    tokens parsed, so the ids are those training saw), into a temporary, then renamed."""
+    with atomic_file(outfile) as tmp:
+        command = [
+            str(llamacpp.tool("llama-imatrix")),
+            "--model",
+            str(model),
+            "--file",
+            str(calibration_text),
+            "--output-file",
+            str(tmp),
+            "--output-format",
+            "gguf",
+            "--parse-special",
+            "--ctx-size",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "--no-ppl",
+            "--threads",
+            str(os.cpu_count() or 1),
+            "--seed",
+            "0",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
+        if result.returncode != 0 or not tmp.is_file():
+            raise ToolFailed(
+                f"llama-imatrix on {calibration_text} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+            )
+    chunk_counts = re.findall(r"computing over (\d+) chunks", result.stderr)
+    return {"chunks": int(chunk_counts[-1]) if chunk_counts else None, "ctx": ctx}

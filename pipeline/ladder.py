@@ -1,88 +1,139 @@
-"""The fidelity ladder: for every artifact, perplexity on the eval set's assistant tokens and top-1
-agreement with the merged model; floors from `export.min_top1_agreement` fail the stage."""
+"""Ladder stage: every artifact of the run measured against the F16 GGUF, so a quant is picked by
+evidence. On the held-out eval rows (the ids of `encode_dialog`, assistant tokens only), for the
+4-bit base + adapter, the merged model, the F16 GGUF and each quant:
+
+- mean and 99th-percentile KL divergence of the next-token distribution from the F16 GGUF's (what
+  `llama-perplexity --kl-divergence` reports, there over whole text chunks);
+- top-1 agreement with the F16 GGUF; perplexity and its difference from the F16's; file size.
+
+Each quant is also made the other way (with the importance matrix if the shipped file has none,
+without it if it has one) in a scratch dir and measured the same way: the with/without-imatrix
+comparison behind `export.imatrix.types`. Floors from `export.min_top1_agreement` fail the stage.
+Writes `metrics/ladder.json` and `gguf/README.md`, the GGUF folder's model card with the table.
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+import tempfile
 from pathlib import Path
 
-from pipeline.errors import CheckFailed
-from pipeline.layout import RunDir, quant_type
+import torch
+
+from pipeline.errors import CheckFailed, MissingInput
+from pipeline.fidelity import eval_sequences, hf_logits, llamacpp_logits, rung
+from pipeline.gguf import quantize_gguf
+from pipeline.io import atomic_file, write_json
+from pipeline.layout import OUTTYPES, RunDir
+from pipeline.llamacpp import LlamaCpp
+from pipeline.model_card import gguf_card
+from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
+from pipeline.progress import progress
+from pipeline.rows import read_jsonl
+from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=2)
-def merged_reference(layout: RunDir, rows: int, max_length: int, trust_remote_code: bool):
-    """(eval sequences, merged model logits), computed once per process."""
-    import torch
-
-    from pipeline.fidelity import eval_sequences, hf_logits
-    from pipeline.models import load_full_precision
-    from pipeline.rows import read_jsonl
-    from pipeline.tokenizer import load_tokenizer
-
-    sequences = eval_sequences(read_jsonl(layout.eval_rows), load_tokenizer(layout.merged), rows, max_length)
-    model = load_full_precision(layout.merged, torch.float32, trust_remote_code=trust_remote_code)
-    return sequences, hf_logits(model, sequences)
-
-
-def gguf_rung(cfg, layout: RunDir, gguf: Path) -> dict:
-    from pipeline.fidelity import compare, llamacpp_logits, perplexity
-
-    sequences, reference = merged_reference(
-        layout, cfg.export.ladder_rows, cfg.train.max_length, cfg.model.trust_remote_code
+def run(cfg, run_dir: Path) -> dict:
+    layout = RunDir.of(cfg, run_dir)
+    reference_type = OUTTYPES[cfg.export.outtype]
+    reference_gguf = layout.gguf(reference_type)
+    quants = [q for q in cfg.export.quants if q != reference_type]
+    for path in [reference_gguf, *(layout.gguf(q) for q in quants)]:
+        if not path.is_file():
+            raise MissingInput(f"{path} not found: run stage=convert and stage=quantize first")
+    tokenizer = load_tokenizer(layout.merged)
+    sequences = eval_sequences(
+        read_jsonl(layout.eval_rows), tokenizer, cfg.export.ladder_rows, cfg.train.max_length
     )
-    logits = llamacpp_logits(gguf, sequences)
-    rung = {"perplexity": perplexity(logits, sequences), **compare(logits, reference)}
-    type_name = quant_type(gguf)
-    floor = cfg.export.min_top1_agreement.get(type_name)
-    agreement = rung["top1_agreement"]
-    log.info(
-        "%s: top-1 agreement with merged %.4f (floor %s), perplexity %.3f",
-        gguf.name,
-        agreement,
-        floor,
-        rung["perplexity"],
-    )
-    if floor is not None and agreement < floor:
-        raise CheckFailed(
-            f"{gguf.name}: top-1 agreement with the merged model {agreement:.4f} "
-            f"is below export.min_top1_agreement.{type_name}={floor}"
-        )
-    return rung
+    if not sequences:
+        raise MissingInput(f"{layout.eval_rows}: no eval rows to measure the ladder on")
 
+    steps = progress(desc="ladder", total=3 + 2 * len(quants), unit="artifact")
+    reference = llamacpp_logits(reference_gguf, sequences)
+    rungs = {}
 
-def ladder_table(manifest_data: dict) -> list[dict]:
-    """One row per artifact, from what the stages recorded in the manifest."""
-    stages = manifest_data.get("stages", {})
-    rows = []
-    merge = stages.get("merge", {}).get("metrics", {}).get("fidelity", {})
-    if merge:
-        adapter = merge["4bit_adapter"]
-        rows.append(
-            {
-                "artifact": "4-bit base + adapter",
-                "perplexity": adapter["perplexity"],
-                "top1_agreement_with_merged": adapter["top1_agreement_with_merged"],
-            }
-        )
-        rows.append(
-            {
-                "artifact": "merged",
-                "perplexity": merge["merged"]["perplexity"],
-                "top1_agreement_with_merged": 1.0,
-            }
-        )
-    for stage in ("convert", "quantize"):
-        for type_name, rung in stages.get(stage, {}).get("metrics", {}).get("ladder", {}).items():
-            rows.append(
-                {
-                    "artifact": f"GGUF {type_name}",
-                    "perplexity": rung["perplexity"],
-                    "top1_agreement_with_merged": rung["top1_agreement"],
-                    "kl_per_token": rung["kl_per_token"],
-                }
+    def measure(name: str, logits, size: int | None, **extra) -> dict:
+        figures = {**rung(logits, reference, sequences), "size_bytes": size, **extra}
+        rungs[name] = figures
+        steps.update()
+        return figures
+
+    adapter_config = read_adapter_base(layout)
+    base = local_base(adapter_config, layout)
+    model = load_4bit_with_adapter(base, layout.adapter, cfg)
+    adapter_bytes = sum(f.stat().st_size for f in layout.adapter.glob("*.safetensors"))
+    measure("4-bit base + adapter", hf_logits(model, sequences), None, adapter_bytes=adapter_bytes)
+    del model
+    merged = load_full_precision(layout.merged, torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+    merged_bytes = sum(f.stat().st_size for f in layout.merged.glob("*.safetensors"))
+    measure("merged", hf_logits(merged, sequences), merged_bytes)
+    del merged
+    measure(f"GGUF {reference_type}", reference, reference_gguf.stat().st_size)
+
+    imatrix = {"types": list(cfg.export.imatrix.types), "file": layout.imatrix.name, "comparison": {}}
+    llamacpp = LlamaCpp(cfg.llamacpp.dir)
+    with tempfile.TemporaryDirectory(prefix="ladder-", dir=layout.root) as scratch:
+        for type_name in quants:
+            shipped = layout.gguf(type_name)
+            with_imatrix = type_name in cfg.export.imatrix.types
+            figures = measure(
+                f"GGUF {type_name}",
+                llamacpp_logits(shipped, sequences),
+                shipped.stat().st_size,
+                imatrix=with_imatrix,
             )
-    return rows
+            other = Path(scratch) / shipped.name
+            use = None if with_imatrix else layout.imatrix
+            if use is not None and not use.is_file():
+                steps.update()
+                continue  # no importance matrix in this run (export.imatrix.types empty)
+            quantize_gguf(reference_gguf, other, type_name, llamacpp, imatrix=use)
+            other_figures = rung(llamacpp_logits(other, sequences), reference, sequences)
+            other.unlink()
+            steps.update()
+            pair = (figures, other_figures) if with_imatrix else (other_figures, figures)
+            imatrix["comparison"][type_name] = {
+                "kl_mean_with": pair[0]["kl_mean"],
+                "kl_mean_without": pair[1]["kl_mean"],
+                "kl_p99_with": pair[0]["kl_p99"],
+                "kl_p99_without": pair[1]["kl_p99"],
+                "shipped": "with" if with_imatrix else "without",
+            }
+    steps.close()
+    reference_ppl = rungs[f"GGUF {reference_type}"]["perplexity"]
+    for figures in rungs.values():
+        figures["delta_perplexity"] = figures["perplexity"] - reference_ppl
+    check_floors(cfg, rungs)
+
+    metrics = {"reference": reference_gguf.name, "rows": len(sequences), "rungs": rungs, "imatrix": imatrix}
+    write_json(layout.metrics("ladder"), metrics)
+    with atomic_file(layout.gguf_dir / "README.md") as tmp:
+        tmp.write_text(gguf_card(cfg, metrics), encoding="utf-8")
+    for name, figures in rungs.items():
+        kl, p99, top1, dppl = (
+            figures[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "delta_perplexity")
+        )
+        log.info("%s: KL mean %.5f p99 %.5f, top-1 %.4f, dPPL %+.4f", name, kl, p99, top1, dppl)
+    return metrics
+
+
+def read_adapter_base(layout: RunDir) -> str:
+    import json
+
+    config = layout.adapter / "adapter_config.json"
+    if not config.is_file():
+        raise MissingInput(f"{config} not found: run stage=train first")
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def check_floors(cfg, rungs: dict) -> None:
+    for name, figures in rungs.items():
+        type_name = name.removeprefix("GGUF ")
+        floor = cfg.export.min_top1_agreement.get(type_name)
+        if floor is not None and figures["top1_agreement"] < floor:
+            raise CheckFailed(
+                f"{name}: top-1 agreement with the F16 GGUF {figures['top1_agreement']:.4f} "
+                f"is below export.min_top1_agreement.{type_name}={floor}"
+            )

@@ -8,6 +8,8 @@ the tests find every path of a run here, and a GGUF's quant type is read back fr
       metrics/<stage>.json            train, merge
       merged/                         merge (safetensors, tokenizer, chat template, model card)
       gguf/<name>-<TYPE>.gguf         convert (export.outtype), quantize (export.quants)
+      gguf/<name>.imatrix.gguf        quantize (importance matrix from the training rows)
+      metrics/ladder.json, gguf/README.md   ladder (every artifact against the F16 GGUF)
       smoke/report.json               smoke
       manifest.json                   every stage (pipeline.manifest)
 """
@@ -81,6 +83,11 @@ class RunDir:
 
     def gguf(self, type_name: str) -> Path:
         return self.gguf_dir / f"{self.name}-{type_name}.gguf"
+
+    @property
+    def imatrix(self) -> Path:
+        """llama-imatrix's importance matrix from the training rows (`<name>.imatrix.gguf`)."""
+        return self.gguf_dir / f"{self.name}.imatrix.gguf"
 
     def converted_gguf(self, outtype: str) -> Path:
         """The converter's output for export.outtype (f16 -> `<name>-F16.gguf`)."""

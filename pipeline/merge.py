@@ -30,7 +30,7 @@ from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
 from pipeline.model_card import write_model_card
-from pipeline.models import load_4bit_with_adapter, load_full_precision
+from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
 from pipeline.tokenizer import load_tokenizer
@@ -78,21 +78,6 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
             parts.setdefault(match["module"] + ".weight", {})[match["part"]] = f.get_tensor(key)
     deltas = {name: (p["A"], p["B"], scale) for name, p in parts.items()}
     return config, deltas
-
-
-def local_base(base: str, layout: RunDir) -> str:
-    """The adapter's base: a hub id, or a local directory. A local path that is gone is never taken
-    for a hub id: the tiny base moves with its run dir, anything else is an error naming it."""
-    path = Path(base)
-    if path.is_dir() or not (path.is_absolute() or base.startswith((".", "~"))):
-        return base
-    if path.name == layout.base.name and layout.base.is_dir():  # model=tiny: built into the run dir
-        log.info("the adapter's base %s is gone; using %s (the run dir was moved)", base, layout.base)
-        return str(layout.base)
-    raise MergeError(
-        f"{layout.adapter / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
-        "does not exist (moved or deleted?): restore it, or retrain"
-    )
 
 
 def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, list[Path]]:

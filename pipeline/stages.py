@@ -48,12 +48,24 @@ def merge_inputs(cfg, run: RunDir) -> list[Path]:
 
 
 def convert_inputs(cfg, run: RunDir) -> list[Path]:
-    return [run.merged, run.eval_rows]  # eval rows: the fidelity ladder's rung for the converted GGUF
+    return [run.merged]
 
 
 def quantize_inputs(cfg, run: RunDir) -> list[Path]:
-    # merged/: the tokenizer for the GGUF check and the ladder's reference logits.
-    return [run.converted_gguf(cfg.export.outtype), run.merged, run.eval_rows]
+    # merged/: the tokenizer (GGUF check, calibration text); train rows: the importance matrix.
+    imatrix = [run.train_rows] if cfg.export.imatrix.types else []
+    return [run.converted_gguf(cfg.export.outtype), run.merged, *imatrix]
+
+
+def quantize_outputs(cfg, run: RunDir) -> list[Path]:
+    return [run.gguf(q) for q in cfg.export.quants] + ([run.imatrix] if cfg.export.imatrix.types else [])
+
+
+def ladder_inputs(cfg, run: RunDir) -> list[Path]:
+    base = [run.base] if cfg.model.tiny is not None else _local(cfg.model.name_or_path)
+    ggufs = [run.converted_gguf(cfg.export.outtype), *(run.gguf(q) for q in cfg.export.quants)]
+    imatrix = [run.imatrix] if cfg.export.imatrix.types else []  # to make the other variant
+    return [run.adapter, *base, run.merged, *dict.fromkeys(ggufs), *imatrix, run.eval_rows]
 
 
 def smoke_artifacts(cfg, run: RunDir) -> tuple[Path, list[Path]]:
@@ -64,18 +76,12 @@ def smoke_artifacts(cfg, run: RunDir) -> tuple[Path, list[Path]]:
 
 def smoke_inputs(cfg, run: RunDir) -> list[Path]:
     hf_dir, ggufs = smoke_artifacts(cfg, run)
-    return [hf_dir, *ggufs, run.eval_rows]
+    ladder = [run.metrics("ladder")] if run.metrics("ladder").is_file() else []  # quoted in the report
+    return [hf_dir, *ggufs, run.eval_rows, *ladder]
 
 
 # The GGUF file names: <export.name or model.name-data.name>-<TYPE>.gguf.
 GGUF_NAME_KEYS = ("export.name", "model.name", "data.name")
-# The fidelity ladder measured in convert and quantize: its rows, length limit, floors, loader.
-LADDER_KEYS = (
-    "export.ladder_rows",
-    "export.min_top1_agreement",
-    "train.max_length",
-    "model.trust_remote_code",
-)
 
 STAGES: dict[str, StageSpec] = {
     "data": StageSpec("pipeline.data", ("data",), data_inputs, lambda cfg, run: [run.data]),
@@ -89,15 +95,22 @@ STAGES: dict[str, StageSpec] = {
     ),
     "convert": StageSpec(
         "pipeline.convert",
-        ("export.outtype", "llamacpp", *GGUF_NAME_KEYS, *LADDER_KEYS),
+        ("export.outtype", "llamacpp", *GGUF_NAME_KEYS),
         convert_inputs,
         lambda cfg, run: [run.converted_gguf(cfg.export.outtype)],
     ),
     "quantize": StageSpec(
         "pipeline.quantize",
-        ("export", "llamacpp", *GGUF_NAME_KEYS, *LADDER_KEYS),
+        ("export.outtype", "export.quants", "export.imatrix", "llamacpp", *GGUF_NAME_KEYS),
         quantize_inputs,
-        lambda cfg, run: [run.gguf(q) for q in cfg.export.quants],
+        quantize_outputs,
+    ),
+    # 4-bit loading (train.quantization, model) and the eval sequences' length limit shape its figures.
+    "ladder": StageSpec(
+        "pipeline.ladder",
+        ("export", "llamacpp", "model", "train.quantization", "train.max_length", *GGUF_NAME_KEYS),
+        ladder_inputs,
+        lambda cfg, run: [run.metrics("ladder"), run.gguf_dir / "README.md"],
     ),
     # Always reruns: it checks live engines, whose behaviour is not an input the manifest hashes.
     "smoke": StageSpec(

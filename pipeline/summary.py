@@ -69,10 +69,22 @@ def format_smoke_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def ladder_table(manifest_data: dict) -> list[dict]:
+    """One row per artifact, from what the ladder stage recorded in the manifest."""
+    rungs = manifest_data.get("stages", {}).get("ladder", {}).get("metrics", {}).get("rungs", {})
+    return [{"artifact": name, **figures} for name, figures in rungs.items()]
+
+
 def format_ladder(rows: list[dict]) -> str:
-    lines = [f"{'artifact':<22} {'perplexity':>10} {'top-1 vs merged':>16}"]
+    header = f"{'artifact':<22} {'size':>9} {'KL mean':>9} {'KL p99':>9} {'top-1':>7} {'PPL':>9} {'dPPL':>8}"
+    lines = [header]
     for r in rows:
-        lines.append(f"{r['artifact']:<22} {r['perplexity']:>10.3f} {r['top1_agreement_with_merged']:>16.4f}")
+        size = "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1e6:.1f} MB"
+        mark = " (imatrix)" if r.get("imatrix") else ""
+        lines.append(
+            f"{r['artifact']:<22} {size:>9} {r['kl_mean']:>9.5f} {r['kl_p99']:>9.5f} "
+            f"{r['top1_agreement']:>7.4f} {r['perplexity']:>9.3f} {r['delta_perplexity']:>+8.4f}{mark}"
+        )
     return "\n".join(lines)
 
 
@@ -92,6 +104,9 @@ def stage_results(stages: dict) -> dict[str, str]:
         )
         if accuracy is not None:
             out["train"] += f", eval answer accuracy {accuracy:.2f} (untrained base {base:.2f})"
+        ppl = t.get("eval_perplexity") or {}
+        if ppl.get("trained") is not None:
+            out["train"] += f", eval perplexity {ppl['untrained_base']:.1f} -> {ppl['trained']:.1f}"
     if "merge" in m:
         check = m["merge"].get("self_check", {})
         out["merge"] = (
@@ -100,7 +115,19 @@ def stage_results(stages: dict) -> dict[str, str]:
     if "convert" in m:
         out["convert"] = f"{m['convert'].get('gguf')}"
     if "quantize" in m:
-        out["quantize"] = ", ".join(m["quantize"].get("files", {}))
+        files = m["quantize"].get("files", {})
+        out["quantize"] = ", ".join(
+            f"{t}{' (imatrix)' if f.get('imatrix') else ''}" for t, f in files.items()
+        )
+    if "ladder" in m and m["ladder"].get("imatrix", {}).get("comparison"):
+        helped = [
+            t
+            for t, c in m["ladder"]["imatrix"]["comparison"].items()
+            if c["kl_mean_with"] < c["kl_mean_without"]
+        ]
+        out["ladder"] = (
+            f"{len(m['ladder']['rungs'])} artifacts; imatrix lowered KL for {', '.join(helped) or 'none'}"
+        )
     if "smoke" in m:
         out["smoke"] = ", ".join(f"{engine} {status}" for engine, status in m["smoke"].items())
     return out
@@ -149,7 +176,6 @@ def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
     results, the artifacts and their sizes, the engines, and the fidelity ladder."""
     import json
 
-    from pipeline.ladder import ladder_table
     from pipeline.layout import RunDir
     from pipeline.manifest import Manifest
 
@@ -174,4 +200,4 @@ def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
             print(f"{engine:<50} {parity:>8} {accuracy:>9} {eos:>9}")
     rows = ladder_table(data)
     if rows:
-        print(f"\nFidelity ladder (eval set, assistant tokens):\n{format_ladder(rows)}")
+        print(f"\nFidelity ladder (eval set, assistant tokens, against the F16 GGUF):\n{format_ladder(rows)}")

@@ -76,6 +76,7 @@ def run(cfg, run_dir: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from pipeline.evaluate import answer_accuracy
+    from pipeline.fidelity import eval_sequences, hf_logits, perplexity
     from pipeline.tokenizer import build_tokenizer, save_tokenizer
 
     layout = RunDir.of(cfg, run_dir)
@@ -145,11 +146,21 @@ def run(cfg, run_dir: Path) -> dict:
             model, tokenizer, eval_rows, cfg.train.eval_max_new_tokens, cfg.train.eval_max_rows
         )
 
-    trained = accuracy(trainer.model)
+    # Perplexity of the held-out answers (assistant tokens, the eval rows' own ids), before and after.
+    sequences = eval_sequences(eval_rows, tokenizer, cfg.train.eval_max_rows, cfg.train.max_length)
+
+    def eval_perplexity(model):
+        return perplexity(hf_logits(model, sequences), sequences) if sequences else None
+
+    trained, trained_ppl = accuracy(trainer.model), eval_perplexity(trainer.model)
     with trainer.model.disable_adapter():
-        untrained = accuracy(trainer.model)
+        untrained, untrained_ppl = accuracy(trainer.model), eval_perplexity(trainer.model)
     log.info(
-        "answer accuracy: trained adapter %s, untrained base %s", trained["accuracy"], untrained["accuracy"]
+        "answer accuracy: trained adapter %s, untrained base %s; eval perplexity %s -> %s",
+        trained["accuracy"],
+        untrained["accuracy"],
+        untrained_ppl,
+        trained_ppl,
     )
 
     with atomic_dir(layout.adapter) as tmp:
@@ -167,6 +178,12 @@ def run(cfg, run_dir: Path) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "answer_accuracy_untrained_base": untrained,
         "answer_accuracy_trained": trained,
+        "eval_perplexity": {
+            "untrained_base": untrained_ppl,
+            "trained": trained_ppl,
+            "rows": len(sequences),
+            "tokens": sum(len(s.targets) for s in sequences),
+        },
     }
     write_json(layout.metrics("train"), metrics)
     return metrics

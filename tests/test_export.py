@@ -32,7 +32,7 @@ NAME = "tiny-synthetic"  # export.name=null: <model.name>-<data.name>
 GGUF_TYPES = ("F16", "Q8_0", "Q4_K_M")  # export.outtype=f16, export.quants=[Q8_0, Q4_K_M]
 STAGE_OF_DIR = {"data": "data", "adapter": "train", "merged": "merge"}
 STAGE_OF_GGUF = {"F16": "convert", "Q8_0": "quantize", "Q4_K_M": "quantize"}
-PIPELINE_STAGES = ("data", "train", "merge", "convert", "quantize")
+PIPELINE_STAGES = ("data", "train", "merge", "convert", "quantize", "ladder")
 KILL_POLL_SECONDS = 120
 
 
@@ -306,21 +306,41 @@ def test_manifest_stage_records(tiny_run):
     assert {"metrics/train.json"} | {f"base/{p.name}" for p in (tiny_run / "base").iterdir()} <= inputs[
         "merge"
     ]
-    assert inputs["convert"] == merged | {"data/eval.jsonl"}  # eval rows: the converted GGUF's ladder rung
-    assert inputs["quantize"] == {f"gguf/{NAME}-F16.gguf", "data/eval.jsonl"} | merged
-    assert set(m["stages"]["quantize"]["outputs"]) == {f"gguf/{NAME}-Q8_0.gguf", f"gguf/{NAME}-Q4_K_M.gguf"}
+    assert inputs["convert"] == merged
+    # train rows: the importance matrix; never the eval rows, which the ladder measures on
+    assert inputs["quantize"] == {f"gguf/{NAME}-F16.gguf", "data/train.jsonl"} | merged
+    assert set(m["stages"]["quantize"]["outputs"]) == {
+        f"gguf/{NAME}-Q8_0.gguf",
+        f"gguf/{NAME}-Q4_K_M.gguf",
+        f"gguf/{NAME}.imatrix.gguf",
+    }
+    assert "data/eval.jsonl" in inputs["ladder"] and "data/train.jsonl" not in inputs["ladder"]
     for library in ("torch", "transformers", "trl", "peft", "llama-cpp-python"):
         assert m["versions"][library] == metadata.version(library), library
 
 
 def test_ladder_floors_and_merge_fidelity(tiny_run):
     m = manifest(tiny_run)
-    f16 = m["stages"]["convert"]["metrics"]["ladder"]["F16"]
-    q8 = m["stages"]["quantize"]["metrics"]["ladder"]["Q8_0"]
-    assert f16["top1_agreement"] >= 0.99, f16
+    ladder = m["stages"]["ladder"]["metrics"]
+    assert ladder == json.loads((tiny_run / "metrics" / "ladder.json").read_text())
+    rungs = ladder["rungs"]
+    assert list(rungs) == ["4-bit base + adapter", "merged", "GGUF F16", "GGUF Q8_0", "GGUF Q4_K_M"]
+    f16, q8, q4 = rungs["GGUF F16"], rungs["GGUF Q8_0"], rungs["GGUF Q4_K_M"]
+    assert (
+        f16["kl_mean"] == 0 and f16["delta_perplexity"] == 0 and f16["top1_agreement"] == 1
+    )  # the reference
     assert q8["top1_agreement"] >= 0.95, q8
-    assert "Q4_K_M" in m["stages"]["quantize"]["metrics"]["ladder"]
-    assert f16["tokens"] == q8["tokens"] > 0  # the same eval tokens for every rung
+    assert 0 < q8["kl_mean"] < q4["kl_mean"] and q8["kl_p99"] < q4["kl_p99"]  # fewer bits, further from F16
+    assert (
+        len({r["tokens"] for r in rungs.values()}) == 1 and f16["tokens"] > 0
+    )  # the same tokens for every rung
+    assert q4["size_bytes"] < q8["size_bytes"] < f16["size_bytes"] == gguf(tiny_run, "F16").stat().st_size
+    assert q4["imatrix"] is True and q8["imatrix"] is False  # conf/experiment/tiny.yaml: imatrix for Q4_K_M
+    compared = ladder["imatrix"]["comparison"]["Q4_K_M"]
+    assert compared["shipped"] == "with" and compared["kl_mean_with"] == q4["kl_mean"]
+    assert compared["kl_mean_without"] > 0 and compared["kl_mean_without"] != compared["kl_mean_with"]
+    card = (tiny_run / "gguf" / "README.md").read_text()
+    assert "| GGUF Q4_K_M |" in card and "not Llama-2-7B" in card and "| Q8_0 | 0.0040 | 0.00037 |" in card
     merge = m["stages"]["merge"]["metrics"]
     assert merge == json.loads((tiny_run / "metrics" / "merge.json").read_text())
     assert merge["mode"] == "nf4_roundtrip"
@@ -368,7 +388,6 @@ def test_force_reruns_convert(tiny_run, tmp_path):
     for stage in ("data", "train", "merge", "quantize"):  # force reruns the named stage only
         assert new["stages"][stage] == old["stages"][stage], stage
     assert new["artifacts"][f"gguf/{NAME}-F16.gguf"]["sha256"] == sha256(f16)
-    assert new["stages"]["convert"]["metrics"]["ladder"]["F16"]["top1_agreement"] >= 0.99
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +410,14 @@ def test_changed_quants_reruns_quantize(requantized):
     q5 = gguf(run_dir, "Q5_K_M")
     check_gguf(q5, 1, 2)
     m = manifest(run_dir)
-    assert set(m["stages"]["quantize"]["outputs"]) == {f"gguf/{NAME}-Q8_0.gguf", f"gguf/{NAME}-Q5_K_M.gguf"}
+    assert set(m["stages"]["quantize"]["outputs"]) == {
+        f"gguf/{NAME}-Q8_0.gguf",
+        f"gguf/{NAME}-Q5_K_M.gguf",
+        f"gguf/{NAME}.imatrix.gguf",
+    }
     expected = {"sha256": sha256(q5), "size": q5.stat().st_size, "stage": "quantize"}
     assert m["artifacts"][f"gguf/{NAME}-Q5_K_M.gguf"] == expected
-    assert set(m["stages"]["quantize"]["metrics"]["ladder"]) == {"Q8_0", "Q5_K_M"}
+    assert set(m["stages"]["quantize"]["metrics"]["files"]) == {"Q8_0", "Q5_K_M"}
     assert m["stages"]["quantize"]["config_hash"] != before["stages"]["quantize"]["config_hash"]
     assert m["config"]["export"]["quants"] == ["Q8_0", "Q5_K_M"]
     for stage in ("data", "train", "merge"):  # untouched
