@@ -53,3 +53,19 @@ def test_gpu_7b_bench_runs_its_whole_path_on_a_cpu(tmp_path, llamacpp: LlamaCpp)
     assert set(r["stages"]) == {"merge", "convert", "quantize"}
     assert any(name.endswith("-Q4_K_M.gguf") for name in r["gguf_bytes"])
     assert "ratio (project / trl)" in result.stdout
+
+
+@pytest.mark.slow
+def test_convert_quantize_bench_measures_both_sides(tiny_run):
+    result = subprocess.run(
+        [sys.executable, "bench/convert_quantize.py", str(tiny_run), "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[0])
+    assert figures["best"]["direct"] > 0 and figures["best"]["stages"] > 0
+    assert "overhead ratio (stages / direct)" in result.stdout
+    assert not (tiny_run / "gguf" / "model-F16.gguf").exists()  # the run's own gguf/ is left alone

@@ -1,0 +1,156 @@
+"""Wall time of the convert and quantize stages against calling llama.cpp's own tools directly on the
+same merged model, in the same run; prints the overhead ratio (target: at most 1.05).
+
+    python bench/convert_quantize.py RUN_DIR [--experiment NAME] [--repeats 3]
+
+RUN_DIR is a finished run (its merged/ and data/ are used; its gguf/ is left alone: everything is
+written to a scratch copy). Both sides do the same work:
+- direct: `python convert_hf_to_gguf.py merged --outtype f16`, then `llama-imatrix` over the same
+  calibration text when the config asks for an importance matrix, then `llama-quantize` per type
+  (with `--imatrix` for the types that use it);
+- stages: `python -m pipeline stage=convert` then `stage=quantize force=true` (which add the GGUF
+  checks, the calibration text, the manifest and Python start-up).
+Rounds alternate between the two; the best round of each counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def compose(experiment: str, run_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"experiment={experiment}", f"run_dir={run_dir}"])
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} ... failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def direct(cfg, run_dir: Path, out: Path, calibration: Path) -> float:
+    from pipeline.llamacpp import LlamaCpp
+
+    llamacpp = LlamaCpp(cfg.llamacpp.dir)
+    f16 = out / "model-F16.gguf"
+    seconds = timed(
+        [
+            sys.executable,
+            str(llamacpp.converter()),
+            str(run_dir / "merged"),
+            "--outfile",
+            str(f16),
+            "--outtype",
+            cfg.export.outtype,
+        ]
+    )
+    imatrix = out / "imatrix.gguf"
+    settings = cfg.export.imatrix
+    if settings.types:
+        seconds += timed(
+            [
+                str(llamacpp.tool("llama-imatrix")),
+                "-m",
+                str(f16),
+                "-f",
+                str(calibration),
+                "-o",
+                str(imatrix),
+                "--parse-special",
+                "-c",
+                str(settings.ctx),
+                "--chunks",
+                str(settings.chunks),
+                "--no-ppl",
+                "-t",
+                str(os.cpu_count()),
+            ]
+        )
+    for type_name in cfg.export.quants:
+        extra = ["--imatrix", str(imatrix)] if type_name in settings.types else []
+        seconds += timed(
+            [
+                str(llamacpp.tool("llama-quantize")),
+                *extra,
+                str(f16),
+                str(out / f"model-{type_name}.gguf"),
+                type_name,
+                str(os.cpu_count()),
+            ]
+        )
+    return seconds
+
+
+def stages(experiment: str, scratch_run: Path) -> float:
+    base = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        f"experiment={experiment}",
+        f"run_dir={scratch_run}",
+        "force=true",
+    ]
+    return timed([*base, "stage=convert"]) + timed([*base, "stage=quantize"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--experiment", default="tiny")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from pipeline.quantize import calibration_text
+    from pipeline.rows import read_jsonl
+    from pipeline.tokenizer import load_tokenizer
+
+    cfg = compose(args.experiment, args.run_dir)
+    with tempfile.TemporaryDirectory(prefix="convert-quantize-") as scratch:
+        scratch = Path(scratch)
+        scratch_run = scratch / "run"
+        for part in ("merged", "data"):
+            shutil.copytree(args.run_dir / part, scratch_run / part)
+        tokenizer = load_tokenizer(scratch_run / "merged")
+        rows = read_jsonl(scratch_run / "data" / "train.jsonl")
+        text, _ = calibration_text(rows, tokenizer, cfg.export.imatrix.ctx * cfg.export.imatrix.chunks)
+        calibration = scratch / "calibration.txt"
+        calibration.write_text(text, encoding="utf-8")
+        rounds = {"direct": [], "stages": []}
+        for _ in range(args.repeats):
+            out = scratch / "direct"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            rounds["direct"].append(direct(cfg, scratch_run, out, calibration))
+            rounds["stages"].append(stages(args.experiment, scratch_run))
+    best = {side: min(times) for side, times in rounds.items()}
+    print(json.dumps({"rounds": rounds, "best": best}))
+    print(
+        f"\nconvert + quantize {list(cfg.export.quants)} (imatrix for {list(cfg.export.imatrix.types)}), "
+        f"{args.run_dir}, best of {args.repeats}, {os.cpu_count()} CPUs"
+    )
+    print(f"llama.cpp's tools directly: {best['direct']:.2f} s   the stages: {best['stages']:.2f} s")
+    print(f"overhead ratio (stages / direct): {best['stages'] / best['direct']:.3f} (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
