@@ -74,6 +74,9 @@ class DataConfig:
     hub_split: str = "train"
     # A local jsonl/json/parquet copy; takes precedence over hub_id.
     path: Optional[str] = None
+    # The rows' format: auto (detected per file from the first row's keys), guanaco, messages,
+    # sharegpt or alpaca (pipeline/data.py). A str, not an Enum, so a bad value fails in check_settings.
+    format: str = "auto"
     system_prompt: Optional[str] = None
     eval_fraction: float = 0.05
     max_eval_rows: int = 500
@@ -193,6 +196,7 @@ MERGE_DTYPES = ("float16", "bfloat16", "float32")
 
 def check_settings(cfg) -> None:
     """Raise ConfigError naming the first setting out of its range."""
+    from pipeline.data import FORMATS
     from pipeline.errors import ConfigError
     from pipeline.layout import OUTTYPES
 
@@ -200,6 +204,9 @@ def check_settings(cfg) -> None:
         return None if value is None or value > 0 else f"{key}={value}: expected a positive number"
 
     problems = [
+        None
+        if cfg.data.format in FORMATS
+        else f"data.format={cfg.data.format}: expected one of {', '.join(FORMATS)}",
         None
         if 0 <= cfg.data.eval_fraction < 1
         else f"data.eval_fraction={cfg.data.eval_fraction}: expected 0 <= x < 1",

@@ -169,6 +169,7 @@ def test_data_stage_writes_messages_jsonl(split_run):
     # every input row lands in exactly one split, parsed to the conversation it was written from
     assert sorted(key(r["messages"]) for r in train + evals) == sorted(key(dialog(i)) for i in range(N_ROWS))
     assert manifest(split_run)["stages"]["data"]["metrics"] == {
+        "format": "guanaco",
         "rows_read": 20,
         "rows_skipped": 0,
         "train_rows": 16,
