@@ -192,11 +192,12 @@ def register() -> None:
 # expects before any stage runs, instead of running into nonsense (zero training rows) or a
 # traceback deep in a stage.
 MERGE_DTYPES = ("float16", "bfloat16", "float32")
+# data.format: `auto` or a parser of pipeline/data.py (PARSERS, built to these names).
+DATA_FORMATS = ("auto", "guanaco", "messages", "sharegpt", "alpaca")
 
 
 def check_settings(cfg) -> None:
     """Raise ConfigError naming the first setting out of its range."""
-    from pipeline.data import FORMATS
     from pipeline.errors import ConfigError
     from pipeline.layout import OUTTYPES
 
@@ -205,8 +206,8 @@ def check_settings(cfg) -> None:
 
     problems = [
         None
-        if cfg.data.format in FORMATS
-        else f"data.format={cfg.data.format}: expected one of {', '.join(FORMATS)}",
+        if cfg.data.format in DATA_FORMATS
+        else f"data.format={cfg.data.format}: expected one of {', '.join(DATA_FORMATS)}",
         None
         if 0 <= cfg.data.eval_fraction < 1
         else f"data.eval_fraction={cfg.data.eval_fraction}: expected 0 <= x < 1",

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.chat import ROLES, DialogError, check_dialog
+from pipeline.config import DATA_FORMATS
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir
 from pipeline.layout import RunDir
@@ -123,6 +124,7 @@ PARSERS = {
     "alpaca": alpaca_messages,
 }
 FORMATS = ("auto", *PARSERS)
+assert FORMATS == DATA_FORMATS, "data.format's values (pipeline/config.py) name the parsers here"
 
 
 def detect_format(row: dict) -> str:
