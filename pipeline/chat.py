@@ -109,6 +109,111 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# Ollama never runs the GGUF's Jinja template: a model created from a Modelfile with a TEMPLATE is
+# rendered by ollama itself as a Go text/template over `.Messages` (`pipeline/ollama.py` writes the
+# Modelfile). Its tokenizer adds the first BOS and parses `<s>`/`</s>` in the text as control tokens,
+# so the first `<s>` is not written and that text is refused in a message. Go has no strip function,
+# so `llama2-strip` removes str.strip()'s set recursively; errors are calls of an undefined template.
+# Printable ASCII with Go escapes: ollama's Modelfile parser drops every non-printable character.
+# Outside the template ollama differs from Meta: it merges consecutive same-role messages with
+# "\n\n", drops old messages when the prompt overflows num_ctx, and adds the Modelfile SYSTEM when
+# the request has no system message.
+_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r"}
+
+
+def _go_string(text: str) -> str:
+    """`text` as a Go string literal in printable ASCII."""
+
+    def char(c: str) -> str:
+        if c in _GO_ESCAPES:
+            return _GO_ESCAPES[c]
+        if " " <= c <= "~":
+            return c
+        if c.isascii():
+            return f"\\x{ord(c):02x}"
+        return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+    return '"' + "".join(map(char, text)) + '"'
+
+
+def _go_error(message: str) -> str:
+    return "{{ template " + _go_string("llama2 error: " + message) + " . }}"
+
+
+def _go_strip() -> str:
+    """`llama2-strip`: Python's str.strip(), one whole UTF-8 character per recursion level."""
+    sizes = sorted({len(c.encode()) for c in PY_WHITESPACE})
+    spaces = {n: " ".join(_go_string(c) for c in PY_WHITESPACE if len(c.encode()) == n) for n in sizes}
+    cases = [(f"(slice . 0 {n})", f"(slice . {n})", n) for n in sizes]  # at the front
+    cases += [(f"(slice . (len (slice . {n})))", f"(slice . 0 (len (slice . {n})))", n) for n in sizes]
+    lines = ['{{- define "llama2-strip" }}']
+    for k, (part, rest, n) in enumerate(cases):
+        branch = "else if" if k else "if"
+        test = f"and (ge (len .) {n}) (eq {part} {spaces[n]})"
+        lines.append(f'{{{{- {branch} {test} }}}}{{{{ template "llama2-strip" {rest} }}}}')
+    return "\n".join([*lines, "{{- else }}{{ . }}", "{{- end }}", "{{- end -}}"])
+
+
+def _go_check() -> str:
+    """`llama2-check`: refuse turn tags and control-token text, one byte per recursion level (so a
+    message may hold up to ~99,990 bytes: text/template's depth limit is 100,000)."""
+    tags = TURN_TAGS + CONTROL_TOKEN_TEXT
+    shortest, firsts = min(map(len, tags)), " ".join(_go_string(c) for c in sorted({t[0] for t in tags}))
+    found = " ".join(
+        f"(and (ge (len .) {n}) (eq (slice . 0 {n}) {' '.join(_go_string(t) for t in tags if len(t) == n)}))"
+        for n in sorted(set(map(len, tags)))
+    )
+    refused = ", ".join(tags[:-1]) + " or " + tags[-1]
+    return "\n".join(
+        [
+            '{{- define "llama2-check" }}',
+            f"{{{{- if and (ge (len .) {shortest}) (eq (slice . 0 1) {firsts}) (or {found}) }}}}"
+            + _go_error("message text must not contain " + refused),
+            f'{{{{- else if ge (len .) {shortest + 1} }}}}{{{{ template "llama2-check" (slice . 1) }}}}',
+            "{{- end }}",
+            "{{- end -}}",
+        ]
+    )
+
+
+# Meta's folding of the system message into the first user turn, as check_dialog does.
+_GO_FOLD_SYSTEM = "(printf " + _go_string(B_SYS + "%s" + E_SYS + "%s") + " $system $m.Content)"
+
+LLAMA2_OLLAMA_TEMPLATE = "\n".join(
+    [
+        "{{- /* Llama-2 chat as Meta's chat_completion lays it out. The first BOS is not written:",
+        "ollama's tokenizer adds it (add_special=true); later <s> and </s> are parsed as control tokens",
+        "(parse_special=true). Message text is stripped like Python's str.strip(). */ -}}",
+        '{{- $system := "" }}',
+        "{{- $hasSystem := false }}",
+        '{{- $want := "user" }}',
+        "{{- $first := true }}",
+        "{{- range $i, $m := .Messages }}",
+        '{{- template "llama2-check" $m.Content }}',
+        '{{- if eq $m.Role "system" }}',
+        "{{- if $i }}" + _go_error("only the first message may be a system message") + "{{ end }}",
+        "{{- $system = $m.Content }}",
+        "{{- $hasSystem = true }}",
+        "{{- else if ne $m.Role $want }}"
+        + _go_error("roles must alternate user/assistant after an optional system message"),
+        '{{- else if eq $m.Role "user" }}',
+        f"{{{{- if not $first }}}}<s>{{{{ end }}}}{B_INST} {{{{ if and $first $hasSystem }}}}"
+        f'{{{{ template "llama2-strip" {_GO_FOLD_SYSTEM} }}}}'
+        f'{{{{ else }}}}{{{{ template "llama2-strip" $m.Content }}}}{{{{ end }}}} {E_INST}',
+        "{{- $first = false }}",
+        '{{- $want = "assistant" }}',
+        '{{- else }} {{ template "llama2-strip" $m.Content }} </s>',
+        '{{- $want = "user" }}',
+        "{{- end }}",
+        "{{- end }}",
+        "{{- if $first }}"
+        + _go_error("a dialog needs a user message after the optional system message")
+        + "{{ end }}",
+        _go_strip(),
+        _go_check(),
+    ]
+)
+
 
 class DialogError(ValueError):
     """A dialog that the Llama-2 chat format cannot encode."""

@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import MissingInput
-from pipeline.gguf import check_gguf, convert_to_gguf
+from pipeline.gguf import check_gguf, convert_to_gguf, special_ids
 from pipeline.io import check_safetensors
 from pipeline.layout import RunDir
 from pipeline.llamacpp import LlamaCpp
-from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise MissingInput(f"{layout.merged} not found or incomplete: run stage=merge first")
     for shard in sorted(layout.merged.glob("*.safetensors")):
         check_safetensors(shard)
-    tokenizer = load_tokenizer(layout.merged)
+    bos_id, eos_id = special_ids(layout.merged)
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
 
     outfile = layout.converted_gguf(cfg.export.outtype)
@@ -31,7 +30,7 @@ def run(cfg, run_dir: Path) -> dict:
         layout.merged,
         outfile,
         cfg.export.outtype,
-        check=lambda tmp: checked.update(check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)),
+        check=lambda tmp: checked.update(check_gguf(tmp, bos_id, eos_id)),
         llamacpp=llamacpp,
     )
     log.info("wrote %s (%.1f MB), metadata checked: %s", outfile, outfile.stat().st_size / 1e6, checked)

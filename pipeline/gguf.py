@@ -66,6 +66,15 @@ def read_gguf_metadata(path: Path) -> dict:
         llama.close()
 
 
+def special_ids(hf_dir: Path) -> tuple[int, int]:
+    """(BOS, EOS) of a merged directory, from the generation config the merge wrote from its tokenizer
+    (read as JSON: no transformers import, seconds of start-up, just for two ids)."""
+    import json
+
+    config = json.loads((Path(hf_dir) / "generation_config.json").read_text())
+    return config["bos_token_id"], config["eos_token_id"]
+
+
 def check_gguf(path: Path, bos_id: int, eos_id: int) -> dict:
     """Fail unless the GGUF serves the project's chat format with Meta's ids."""
     metadata = read_gguf_metadata(path)

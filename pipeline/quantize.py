@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.chat import encode_dialog
 from pipeline.errors import MissingInput
-from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quantize_gguf
+from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quantize_gguf, special_ids
 from pipeline.io import sha256_file
 from pipeline.layout import RunDir
 from pipeline.llamacpp import LlamaCpp
@@ -69,15 +69,15 @@ def run(cfg, run_dir: Path) -> dict:
     source = layout.converted_gguf(cfg.export.outtype)
     if not source.is_file():
         raise MissingInput(f"{source} not found: run stage=convert first")
-    tokenizer = load_tokenizer(layout.merged)
+    bos_id, eos_id = special_ids(layout.merged)
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
 
     def check(tmp: Path) -> None:
-        check_gguf(tmp, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        check_gguf(tmp, bos_id, eos_id)
 
     metrics = {"source": source.name, "files": {}, "imatrix": None}
     if cfg.export.imatrix.types:
-        metrics["imatrix"] = make_imatrix(cfg, layout, source, tokenizer, llamacpp)
+        metrics["imatrix"] = make_imatrix(cfg, layout, source, load_tokenizer(layout.merged), llamacpp)
     for type_name in progress(cfg.export.quants, "quantize", unit="type"):
         outfile = layout.gguf(type_name)
         with_imatrix = type_name in cfg.export.imatrix.types
