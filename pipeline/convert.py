@@ -11,6 +11,7 @@ from pipeline.gguf import check_gguf, convert_to_gguf, special_ids
 from pipeline.io import check_safetensors
 from pipeline.layout import RunDir
 from pipeline.llamacpp import LlamaCpp
+from pipeline.ollama import write_modelfile
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def run(cfg, run_dir: Path) -> dict:
         check=lambda tmp: checked.update(check_gguf(tmp, bos_id, eos_id)),
         llamacpp=llamacpp,
     )
+    write_modelfile(outfile)  # ollama never runs the GGUF's Jinja template: its own Go template beside it
     log.info("wrote %s (%.1f MB), metadata checked: %s", outfile, outfile.stat().st_size / 1e6, checked)
     return {
         "gguf": outfile.name,

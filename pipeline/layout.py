@@ -8,6 +8,7 @@ the tests find every path of a run here, and a GGUF's quant type is read back fr
       metrics/<stage>.json            train, merge
       merged/                         merge (safetensors, tokenizer, chat template, model card)
       gguf/<name>-<TYPE>.gguf         convert (export.outtype), quantize (export.quants)
+      gguf/<name>-<TYPE>.Modelfile    the same stage: Ollama's Modelfile next to each GGUF
       gguf/<name>.imatrix.gguf        quantize (importance matrix from the training rows)
       metrics/ladder.json, gguf/README.md   ladder (every artifact against the F16 GGUF)
       smoke/report.json               smoke
@@ -83,6 +84,10 @@ class RunDir:
 
     def gguf(self, type_name: str) -> Path:
         return self.gguf_dir / f"{self.name}-{type_name}.gguf"
+
+    def modelfile(self, type_name: str) -> Path:
+        """The Ollama Modelfile next to a GGUF (`<name>-<TYPE>.Modelfile`, FROM that GGUF)."""
+        return self.gguf(type_name).with_suffix(".Modelfile")
 
     @property
     def imatrix(self) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.chat import CONTROL_TOKEN_TEXT, LLAMA2_OLLAMA_TEMPLATE, TURN_TAGS
+from pipeline.errors import DataError
 from pipeline.io import atomic_file
 
 # Stop strings: exactly the texts the template refuses in a message. A well-formed answer ends with
@@ -29,9 +30,9 @@ def modelfile_text(gguf_name: str, num_ctx: int = 4096) -> str:
     """The Modelfile for the GGUF file `gguf_name` (only its file name is used: FROM ./<name>)."""
     name = Path(gguf_name).name
     if not (name.isascii() and name.isprintable()) or '"' in name:
-        raise ValueError(f"{gguf_name!r}: the Modelfile's FROM needs a printable ASCII name without quotes")
+        raise DataError(f"{gguf_name!r}: the Modelfile's FROM needs a printable ASCII name without quotes")
     if '"""' in LLAMA2_OLLAMA_TEMPLATE:  # TEMPLATE """...""" has no escapes: it would end there
-        raise ValueError('the Ollama template must not contain """')
+        raise DataError('the Ollama template must not contain """')
     lines = [
         f"# Llama-2 chat in Meta's layout. Build: ollama create NAME -f {Path(name).stem}.Modelfile",
         f"FROM ./{name}",

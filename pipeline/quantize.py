@@ -19,6 +19,7 @@ from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quanti
 from pipeline.io import sha256_file
 from pipeline.layout import RunDir
 from pipeline.llamacpp import LlamaCpp
+from pipeline.ollama import write_modelfile
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
 from pipeline.tokenizer import load_tokenizer
@@ -84,6 +85,7 @@ def run(cfg, run_dir: Path) -> dict:
         if outfile != source:  # export.outtype=q8_0: the converter already wrote that one
             imatrix = layout.imatrix if with_imatrix else None
             quantize_gguf(source, outfile, type_name, llamacpp, imatrix=imatrix, check=check)
+            write_modelfile(outfile)  # ollama renders its own Go template, not the GGUF's Jinja one
             log.info(
                 "wrote %s (%.1f MB%s)", outfile, outfile.stat().st_size / 1e6, ", imatrix" * with_imatrix
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.layout import RunDir
+from pipeline.layout import OUTTYPES, RunDir
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ def quantize_inputs(cfg, run: RunDir) -> list[Path]:
 
 
 def quantize_outputs(cfg, run: RunDir) -> list[Path]:
-    return [run.gguf(q) for q in cfg.export.quants] + ([run.imatrix] if cfg.export.imatrix.types else [])
+    made = [q for q in cfg.export.quants if q != OUTTYPES[cfg.export.outtype]]  # the converter made that one
+    files = [run.gguf(q) for q in cfg.export.quants] + [run.modelfile(q) for q in made]
+    return files + ([run.imatrix] if cfg.export.imatrix.types else [])
 
 
 def ladder_inputs(cfg, run: RunDir) -> list[Path]:
@@ -97,7 +99,10 @@ STAGES: dict[str, StageSpec] = {
         "pipeline.convert",
         ("export.outtype", "llamacpp", *GGUF_NAME_KEYS),
         convert_inputs,
-        lambda cfg, run: [run.converted_gguf(cfg.export.outtype)],
+        lambda cfg, run: [
+            run.converted_gguf(cfg.export.outtype),
+            run.modelfile(OUTTYPES[cfg.export.outtype]),
+        ],
     ),
     "quantize": StageSpec(
         "pipeline.quantize",

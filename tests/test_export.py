@@ -312,6 +312,8 @@ def test_manifest_stage_records(tiny_run):
     assert set(m["stages"]["quantize"]["outputs"]) == {
         f"gguf/{NAME}-Q8_0.gguf",
         f"gguf/{NAME}-Q4_K_M.gguf",
+        f"gguf/{NAME}-Q8_0.Modelfile",
+        f"gguf/{NAME}-Q4_K_M.Modelfile",
         f"gguf/{NAME}.imatrix.gguf",
     }
     assert "data/eval.jsonl" in inputs["ladder"] and "data/train.jsonl" not in inputs["ladder"]
@@ -413,6 +415,8 @@ def test_changed_quants_reruns_quantize(requantized):
     assert set(m["stages"]["quantize"]["outputs"]) == {
         f"gguf/{NAME}-Q8_0.gguf",
         f"gguf/{NAME}-Q5_K_M.gguf",
+        f"gguf/{NAME}-Q8_0.Modelfile",
+        f"gguf/{NAME}-Q5_K_M.Modelfile",
         f"gguf/{NAME}.imatrix.gguf",
     }
     expected = {"sha256": sha256(q5), "size": q5.stat().st_size, "stage": "quantize"}
@@ -668,3 +672,15 @@ def test_the_summary_prints_stage_times(tmp_path):
     ), first.stdout
     again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")  # unchanged: skipped
     assert "data skipped; total 0.0 s" in again.stdout, again.stdout
+
+
+def test_every_gguf_has_an_ollama_modelfile_beside_it(tiny_run):
+    """ollama never runs the GGUF's Jinja template: each GGUF gets a Modelfile with the project's Go
+    template (checked by tests/test_ollama.py), naming that GGUF."""
+    from pipeline.chat import LLAMA2_OLLAMA_TEMPLATE
+
+    ggufs = sorted(p for p in (tiny_run / "gguf").glob("*.gguf") if not p.name.endswith(".imatrix.gguf"))
+    assert {g.stem.rsplit("-", 1)[-1] for g in ggufs} == {"F16", "Q8_0", "Q4_K_M"}
+    for g in ggufs:
+        text = g.with_suffix(".Modelfile").read_text(encoding="ascii")
+        assert f"FROM ./{g.name}\n" in text and f'TEMPLATE """{LLAMA2_OLLAMA_TEMPLATE}"""' in text
