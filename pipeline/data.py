@@ -195,11 +195,25 @@ def load_dialogs(cfg) -> tuple[list[list[dict]], dict]:
     return dialogs, {"format": fmt, "rows_read": len(dialogs) + len(skipped), "rows_skipped": len(skipped)}
 
 
+def conversation_root(dialog: list[dict]) -> str:
+    """The first user turn. Guanaco is OpenAssistant trees flattened: the branches of one tree are
+    separate rows that share their opening exchange, so rows are split by root, never one by one."""
+    return next(m["content"].strip() for m in dialog if m["role"] == "user")
+
+
 def split_train_eval(dialogs: list, eval_fraction: float, max_eval_rows: int, seed: int) -> tuple[list, list]:
-    order = list(range(len(dialogs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max_eval_rows, round(len(dialogs) * eval_fraction)) if len(dialogs) > 1 else 0
-    eval_ids = set(order[:n_eval])
+    """Hold out whole conversation trees (see conversation_root) until `n_eval` rows: no eval answer
+    or prompt is ever a training row's too."""
+    groups: dict[str, list[int]] = {}
+    for i, dialog in enumerate(dialogs):
+        groups.setdefault(conversation_root(dialog), []).append(i)
+    roots = list(groups)
+    random.Random(seed).shuffle(roots)
+    n_eval = min(max_eval_rows, round(len(dialogs) * eval_fraction)) if len(groups) > 1 else 0
+    eval_ids: set[int] = set()
+    for root in roots:
+        if len(eval_ids) + len(groups[root]) <= n_eval and len(eval_ids) + len(groups[root]) < len(dialogs):
+            eval_ids.update(groups[root])
     train = [d for i, d in enumerate(dialogs) if i not in eval_ids]
     evals = [d for i, d in enumerate(dialogs) if i in eval_ids]
     return train, evals

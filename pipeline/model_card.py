@@ -123,10 +123,10 @@ Importance matrix: llama.cpp's `llama-imatrix` over {imatrix_source}. With vs wi
 |---|---|---|
 {anchors}
 
-These are a real Llama-2-7B on wikitext-2; a small model, above all a random-init test model, is not
-Llama-2-7B and its figures are not comparable in size. On the real 7B recipe the ladder should show
-the same order: Q8_0 near zero, Q6_K about 0.002 KL, Q4_K_M about 0.01, and the imatrix lowering KL of
-the 4- and 3-bit types.
+These are a real Llama-2-7B on wikitext-2. A small model, above all a random-init test model, is
+not Llama-2-7B and its figures are not comparable in size. On the real 7B recipe the ladder should
+show the same order: Q8_0 near zero, Q6_K about 0.002 KL, Q4_K_M about 0.01, and the imatrix
+lowering KL of the 4- and 3-bit types.
 """
 
 

@@ -240,6 +240,12 @@ def test_real_oa_questions_file_loads_in_place(tmp_path):
     assert metrics["rows_read"] == 953 and metrics["rows_skipped"] == 0
     for row in train + evals:
         assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"]
+    # The file is OpenAssistant trees flattened: branches share their opening exchange. Whole trees are
+    # held out, so no eval prompt or answer is also a training row's.
+    firsts = [r["messages"][0]["content"] for r in train + evals]
+    assert len(set(firsts)) < len(firsts)  # shared roots exist: a row-by-row split would leak
+    seen = {m["content"] for r in train for m in r["messages"]}
+    assert not [m["content"] for r in evals for m in r["messages"] if m["content"] in seen]
 
 
 # ---------------------------------------------------------------- bad input

@@ -32,6 +32,17 @@ NAME = "tiny-synthetic"  # export.name=null: <model.name>-<data.name>
 GGUF_TYPES = ("F16", "Q8_0", "Q4_K_M")  # export.outtype=f16, export.quants=[Q8_0, Q4_K_M]
 STAGE_OF_DIR = {"data": "data", "adapter": "train", "merged": "merge"}
 STAGE_OF_GGUF = {"F16": "convert", "Q8_0": "quantize", "Q4_K_M": "quantize"}
+
+
+def stage_of_gguf_file(name: str) -> str:
+    """gguf/ holds each type's GGUF and Modelfile, the importance matrix and the ladder's card."""
+    if name == "README.md":
+        return "ladder"
+    if name.endswith(".imatrix.gguf"):
+        return "quantize"
+    return STAGE_OF_GGUF[name.rsplit(".", 1)[0].rsplit("-", 1)[-1]]
+
+
 PIPELINE_STAGES = ("data", "train", "merge", "convert", "quantize", "ladder")
 KILL_POLL_SECONDS = 120
 
@@ -275,7 +286,7 @@ def test_manifest_lists_every_artifact_truthfully(tiny_run):
         rel = path.relative_to(tiny_run).as_posix()
         assert rel in m["artifacts"], f"{rel} is not in the manifest"
         top = rel.split("/", 1)[0]
-        stage = STAGE_OF_GGUF[path.stem.rsplit("-", 1)[-1]] if top == "gguf" else STAGE_OF_DIR[top]
+        stage = stage_of_gguf_file(path.name) if top == "gguf" else STAGE_OF_DIR[top]
         expected = {"sha256": sha256(path), "size": path.stat().st_size, "stage": stage}
         assert m["artifacts"][rel] == expected, rel
     for rel, artifact in m["artifacts"].items():  # and nothing listed that is not there
@@ -659,7 +670,7 @@ def test_convert_rerun_removes_the_killed_runs_temporary(convert_killed):
 @pytest.mark.slow
 def test_every_stage_records_its_wall_clock_time(tiny_run):
     stages = json.loads((tiny_run / "manifest.json").read_text())["stages"]
-    assert set(stages) == {"data", "train", "merge", "convert", "quantize", "smoke"}
+    assert set(stages) == {"data", "train", "merge", "convert", "quantize", "ladder", "smoke"}
     for name, record in stages.items():
         assert isinstance(record["seconds"], float) and record["seconds"] > 0, (name, record.get("seconds"))
 
@@ -667,11 +678,11 @@ def test_every_stage_records_its_wall_clock_time(tiny_run):
 def test_the_summary_prints_stage_times(tmp_path):
     run_dir = tmp_path / "run"
     first = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
-    assert re.search(
-        rf"^Stage times \({re.escape(str(run_dir))}\): data \d+\.\d s; total", first.stdout, re.M
-    ), first.stdout
+    assert f"\nRun summary ({run_dir})\n" in first.stdout, first.stdout
+    assert re.search(r"^data +\d+\.\d s  600 train / 48 eval rows$", first.stdout, re.M), first.stdout
     again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")  # unchanged: skipped
-    assert "data skipped; total 0.0 s" in again.stdout, again.stdout
+    assert re.search(r"^data +skipped  600 train / 48 eval rows$", again.stdout, re.M), again.stdout
+    assert re.search(r"^total +0\.0 s$", again.stdout, re.M), again.stdout
 
 
 def test_every_gguf_has_an_ollama_modelfile_beside_it(tiny_run):

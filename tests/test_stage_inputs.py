@@ -17,6 +17,7 @@ import pytest
 from conftest import run_pipeline
 from hydra import compose, initialize_config_dir
 
+import pipeline.config  # noqa: F401  (registers the base_config schema conf/config.yaml names)
 from pipeline.layout import RunDir
 from pipeline.stages import STAGES
 
