@@ -9,8 +9,15 @@ from pipeline.chat import encode_dialog
 from pipeline.serving import http_json, http_sse
 
 
-def eval_questions(rows: list[dict], limit: int) -> list[tuple[list[dict], str | None]]:
-    return [(row["messages"][:-1], row.get("expected")) for row in rows[:limit]]
+def eval_questions(
+    rows: list[dict], limit: int, tokenizer=None, max_prompt_tokens: int | None = None
+) -> list[tuple[list[dict], str | None]]:
+    """The first `limit` eval prompts with their expected answers; with `max_prompt_tokens`, only
+    prompts that leave room for the answer in the engines' context (a long guanaco prompt does not)."""
+    questions = [(row["messages"][:-1], row.get("expected")) for row in rows]
+    if max_prompt_tokens is not None:
+        questions = [q for q in questions if len(encode_dialog(q[0], tokenizer)) <= max_prompt_tokens]
+    return questions[:limit]
 
 
 def summarise(answers: list[dict], min_accuracy: float | None, min_eos_stop: float) -> dict:

@@ -20,6 +20,7 @@ class Stage(str, Enum):
     merge = "merge"
     convert = "convert"
     quantize = "quantize"
+    ladder = "ladder"
     smoke = "smoke"
     all = "all"
 

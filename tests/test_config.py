@@ -159,3 +159,10 @@ def test_cli_rejects_bad_override(override, expected, tmp_path: Path):
     for text in expected:
         assert text in result.stderr, f"{text!r} not in stderr:\n{result.stderr}"
     assert not (run_dir / "data").exists()  # nothing ran
+
+
+def test_every_stage_in_the_stage_table_can_be_named_on_the_command_line():
+    from pipeline.config import Stage
+    from pipeline.stages import STAGES
+
+    assert [s.value for s in Stage] == [*STAGES, "all"]

@@ -47,6 +47,12 @@ def test_real_tokenizer_and_data_go_end_to_end(real_run):
     for section in ("transformers", "llamacpp", "llama_server", "vllm"):
         assert report[section]["status"] == "pass", section
     assert report["ladder"] == m["stages"]["ladder"]["metrics"]
+    # Some guanaco prompts are longer than the 512-token context: those are not asked, 8 others are.
+    assert report["questions"] == {"asked": 8, "context": 512, "max_tokens": 32}
+    assert all(r["answers"] == 8 for r in report["llamacpp"]["in_process"].values())
+    tokenizer = load_tokenizer(real_run / "merged")
+    prompts = [row["messages"][:-1] for row in read_jsonl(real_run / "data" / "eval.jsonl")]
+    assert [p for p in prompts if len(encode_dialog(p, tokenizer)) > 512 - 32]  # so the filter matters
 
 
 @pytest.mark.slow
