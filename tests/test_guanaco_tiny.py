@@ -59,7 +59,7 @@ def test_real_tokenizer_and_data_go_end_to_end(real_run):
 def test_training_lowers_held_out_answer_perplexity(real_run):
     ppl = json.loads((real_run / "metrics" / "train.json").read_text())["eval_perplexity"]
     assert ppl["rows"] > 0 and ppl["tokens"] > 1000
-    assert ppl["trained"] < 0.8 * ppl["untrained_base"], ppl  # measured: 33,705 -> 20,905
+    assert ppl["trained"] < 0.8 * ppl["untrained_base"], ppl  # measured: 33,840 -> 21,286 (-37%)
 
 
 @pytest.mark.slow

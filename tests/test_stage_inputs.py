@@ -17,7 +17,7 @@ import pytest
 from conftest import run_pipeline
 from hydra import compose, initialize_config_dir
 
-import pipeline.config  # noqa: F401  (registers the base_config schema conf/config.yaml names)
+import pipeline.config
 from pipeline.layout import RunDir
 from pipeline.stages import STAGES
 
@@ -87,6 +87,7 @@ def covered(path: Path, declared: list[Path]) -> bool:
 def test_each_stage_opens_exactly_its_declared_inputs(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["experiment=tiny", f"run_dir={run_dir}"]
+    pipeline.config.register()  # the `base_config` schema that config.yaml's defaults list names
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     layout = RunDir.of(cfg, run_dir)
