@@ -626,6 +626,10 @@ with serving.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
 """
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stop",
@@ -637,7 +641,9 @@ with serving.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
 def test_llamacpp_server_is_shut_down_when_its_parent_is_stopped(stop, tiny_run, tmp_path):
     gguf, log = gguf_of(tiny_run, "Q4_K_M"), tmp_path / "server.log"
     command = [sys.executable, "-c", SERVE_UNTIL_STOPPED, str(gguf), str(log)]
-    holder = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C finds it: a shell starts background jobs with SIGINT ignored,
+    # and Python then never turns it into KeyboardInterrupt.
+    holder = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     servers: list[psutil.Process] = []
     try:
         url = holder.stdout.readline().strip()  # printed once the server answers
