@@ -32,7 +32,7 @@ def summarise(answers: list[dict], min_accuracy: float | None, min_eos_stop: flo
         failures.append(f"stopped on EOS {eos_rate:.2f} < {min_eos_stop}")
     if not prompt_ok:
         failures.append("prompt token ids differ from the reference")
-    return {
+    summary = {
         "status": "fail" if failures else "pass",
         "failures": failures,
         "accuracy": accuracy,
@@ -41,6 +41,9 @@ def summarise(answers: list[dict], min_accuracy: float | None, min_eos_stop: flo
         "answers": len(answers),
         "samples": answers[:3],
     }
+    if not answers:  # nothing was asked: no pass to claim
+        summary.update(status="not_run", reason="no eval question to ask (none, or none fits the context)")
+    return summary
 
 
 def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> dict:

@@ -498,10 +498,14 @@ def test_accuracy_is_not_judged_without_expected_answers():
     unjudgeable = [
         {"question": "q", "expected": None, "reply": "r", "correct": False, "stopped_on_eos": True}
     ]
-    for answers in ([], unjudgeable):
-        summary = answering.summarise(answers, 0.8, 1.0)
-        assert summary["accuracy"] is None
-        assert summary["status"] == "pass", summary["failures"]
+    summary = answering.summarise(unjudgeable, 0.8, 1.0)
+    assert summary["accuracy"] is None
+    assert summary["status"] == "pass", summary["failures"]
+
+
+def test_no_answers_is_not_run_never_a_pass():
+    summary = answering.summarise([], 0.8, 1.0)
+    assert summary["status"] == "not_run" and "no eval question" in summary["reason"]
 
 
 # --------------------------------------------------------------------------------------------
