@@ -3,6 +3,7 @@ plain baseline measured in the same run.
 
     python bench/gpu_7b.py [--layers 32] [--steps 20] [--seq-len 512] [--work DIR] [--out FILE]
     python bench/gpu_7b.py --cpu-check              # the whole code path on a CPU, reduced shape
+    python bench/gpu_7b.py --train-only --steps 10  # step 1 alone (fits one 10-minute GPU command)
 
 No download: the base is a random-init model with Llama-2-7B's exact config (`LLAMA2_7B`; `--layers`
 keeps every width and shortens the stack). It has the real 32,000-piece Llama-2 tokenizer when
@@ -18,6 +19,11 @@ shaped single exchanges of about `--seq-len` tokens.
 2. merge on the CPU: the project's shard-by-shard merge against peft's `merge_and_unload` +
    `save_pretrained` (bench/merge_memory.py's workers): peak RSS and wall time.
 3. convert and quantize to Q4_K_M: the stages' wall time (from the manifest).
+
+`--train-only` stops after step 1 and holds out no eval rows (`data.max_eval_rows=0`), so the train
+stage's after-training eval has nothing to run; merge, convert and quantize need the eval rows.
+The results (JSON, `--out`) are rewritten after each part, so a later failure keeps the earlier figures,
+with the package versions and, on a GPU, `nvidia-smi`'s name and memory of it.
 
 `--cpu-check` runs every step on the CPU with one layer, 64-token rows, 2 steps and CPU-safe
 settings (fp32 compute, plain AdamW: paged optimizers and bf16 training need CUDA). It proves the
@@ -118,14 +124,19 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None) -
         config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers})
         torch.manual_seed(0)
         torch.set_default_dtype(torch.float16)  # initialise in fp16: a 7B in fp32 would need 28 GB
+        # On a GPU the random init takes seconds, not the minutes 6.7B normal_ draws take on a CPU.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            model = LlamaForCausalLM(config)
+            with device:
+                model = LlamaForCausalLM(config)
         finally:
             torch.set_default_dtype(torch.float32)
-        with atomic_dir(base) as tmp:
+        with atomic_dir(base) as tmp:  # fp16 safetensors: the train stage loads the base from a path
             model.save_pretrained(tmp, max_shard_size="2GB")
             save_tokenizer(tokenizer, tokenizer_model, tmp)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the stages run in their own processes
     params = sum(
         f.stat().st_size for f in base.glob("*.safetensors")
     )  # bytes of fp16 weights (plus small headers)
@@ -139,9 +150,10 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None) -
 
 def pipeline_stage(stage: str, run_dir: Path, overrides: list[str]) -> dict:
     command = [sys.executable, "-m", "pipeline", f"stage={stage}", f"run_dir={run_dir}", *overrides]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    # The stage's log goes straight to this process's stderr: a long run shows where it is.
+    result = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}): its log is above")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     return manifest["stages"][stage]
 
@@ -158,10 +170,10 @@ def run_baseline(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> dict:
         str(seq_len),
     ]
     result = subprocess.run(
-        command + (["--cpu-check"] if cpu else []), cwd=ROOT, env=ENV, capture_output=True, text=True
+        command + (["--cpu-check"] if cpu else []), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
     )
     if result.returncode != 0:
-        raise SystemExit(f"trl baseline failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise SystemExit(f"trl baseline failed ({result.returncode}): its log is above")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -242,6 +254,29 @@ def merge_workers(work: Path, run_dir: Path) -> dict:
     }
 
 
+def environment() -> dict:
+    """The versions this run used (the first of each on sys.path) and, where there is one, the GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    env = {"python": sys.version.split()[0], "versions": versions}
+    try:
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["nvidia_smi"] = None
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
@@ -251,6 +286,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="work dir (default: a new temp dir, kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--cpu-check", action="store_true", help="the code path on a CPU, reduced shape")
+    parser.add_argument(
+        "--train-only", action="store_true", help="only the train stage and the trl baseline (step 1)"
+    )
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: the trl script
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -268,7 +306,20 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-7b-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = args.tokenizer if args.tokenizer and args.tokenizer.is_file() else None
-    results = {"device": device, "mode": "cpu-check (not a benchmark)" if args.cpu_check else "benchmark"}
+    results = {
+        "device": device,
+        "mode": "cpu-check (not a benchmark)" if args.cpu_check else "benchmark",
+        "train_only": args.train_only,
+        "steps": args.steps,
+        "seq_len": args.seq_len,
+        **environment(),
+    }
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    save()
     print(f"building the {args.layers}-layer Llama-2-7B-shaped base in {work} ...", file=sys.stderr)
     results["base"] = build(work, args.layers, args.seq_len, tokenizer)
     results["base"]["tokenizer"] = (
@@ -281,7 +332,9 @@ def main() -> None:
         "model.name=llama2_7b_shape",
         f"data.path={work / 'rows.jsonl'}",
         "data.eval_fraction=0.05",
-        "data.max_eval_rows=2",
+        f"data.max_eval_rows={0 if args.train_only else 2}",
+        "train.eval_max_rows=2",
+        "train.eval_max_new_tokens=8",
         f"train.max_length={args.seq_len}",
         f"train.sft.max_steps={args.steps}",
         "train.sft.save_steps=100000",
@@ -308,16 +361,21 @@ def main() -> None:
         },
         "stage_seconds": train["seconds"],
     }
+    save()
     print("train: the plain trl script ...", file=sys.stderr)
     results["train"]["trl"] = run_baseline(run_dir, args.steps, args.seq_len, args.cpu_check)
+    save()
+    if args.train_only:
+        print(json.dumps(results))
+        print(report(results))
+        return
     print("merge: project vs peft (CPU) ...", file=sys.stderr)
     results["merge"] = merge_workers(work, run_dir)
     print("merge, convert, quantize: the stages ...", file=sys.stderr)
     for stage in ("merge", "convert", "quantize"):
         results.setdefault("stages", {})[stage] = pipeline_stage(stage, run_dir, overrides)["seconds"]
     results["gguf_bytes"] = {p.name: p.stat().st_size for p in sorted((run_dir / "gguf").glob("*.gguf"))}
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save()
     print(json.dumps(results))
     print(report(results))
 
@@ -339,18 +397,27 @@ def report(r: dict) -> str:
         ),
         f"ratio (project / trl): {project['train_tokens_per_s'] / trl['train_tokens_per_s']:.2f}x tokens/s",
     ]
-    ours, peft = r["merge"]["project"], r["merge"]["peft"]
-    lines.append(
-        f"merge (CPU): project {ours['seconds']:.1f} s, peak RSS {ours['peak_rss_mb']:.0f} MB; "
-        f"peft {peft['seconds']:.1f} s, {peft['peak_rss_mb']:.0f} MB "
-        f"({ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}x RSS, "
-        f"{ours['seconds'] / peft['seconds']:.2f}x time)"
-    )
-    stages = r["stages"]
-    lines.append(
-        f"stages: merge {stages['merge']:.1f} s, convert {stages['convert']:.1f} s, "
-        f"quantize Q4_K_M {stages['quantize']:.1f} s"
-    )
+    if "merge" in r:
+        ours, peft = r["merge"]["project"], r["merge"]["peft"]
+        lines.append(
+            f"merge (CPU): project {ours['seconds']:.1f} s, peak RSS {ours['peak_rss_mb']:.0f} MB; "
+            f"peft {peft['seconds']:.1f} s, {peft['peak_rss_mb']:.0f} MB "
+            f"({ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}x RSS, "
+            f"{ours['seconds'] / peft['seconds']:.2f}x time)"
+        )
+    if "stages" in r:
+        stages = r["stages"]
+        lines.append(
+            f"stages: merge {stages['merge']:.1f} s, convert {stages['convert']:.1f} s, "
+            f"quantize Q4_K_M {stages['quantize']:.1f} s"
+        )
+    if "merge" not in r and "stages" not in r:
+        lines.append("merge, convert, quantize: not run (--train-only)")
+    versions = r.get("versions") or {}
+    if versions:
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if r.get("nvidia_smi"):
+        lines.append("nvidia-smi: " + r["nvidia_smi"].replace("\n", "; "))
     return "\n".join(lines)
 
 

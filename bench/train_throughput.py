@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 BASELINE = "trl SFTTrainer defaults"
 PROJECT_VARIANTS = {
     "project": [],
+    # trl's own cast kept: the adapter in bf16 (fast only where the CPU has native bf16).
+    "project adapter bf16": ["train.adapter_dtype=bfloat16"],
     "project packing": ["train.sft.packing=true"],
     "project padding_free": ["train.sft.padding_free=true"],
 }
@@ -224,10 +227,117 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
     )
 
 
+def plain_main(run_dir: Path, steps: int) -> None:
+    """The ceiling (runs in its own process): a plain PyTorch loop, no Trainer and no trl, over the
+    project's 4-bit base and LoRA config, the stage's own encoded rows in batches of the stage's size
+    (padded to the longest row, loss on the answer tokens), torch's AdamW at the stage's learning rate."""
+    import random
+
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.examples import IGNORE_INDEX, encode_rows
+    from pipeline.models import load_quantized_base
+    from pipeline.rows import read_jsonl
+    from pipeline.tokenizer import build_tokenizer
+
+    cfg = compose_tiny(run_dir)
+    tokenizer = build_tokenizer(run_dir / "base" / "tokenizer.model")
+    rows = read_jsonl(run_dir / "data" / "train.jsonl")
+    examples, _ = encode_rows(rows, tokenizer, cfg.train.max_length)
+    lora = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
+    model = get_peft_model(load_quantized_base(str(run_dir / "base"), cfg), lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.sft.learning_rate)
+    batch, rng = cfg.train.sft.per_device_train_batch_size, random.Random(0)
+
+    def collate(picked: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in picked)
+
+        def pad(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        return {
+            "input_ids": pad([e["input_ids"] for e in picked], tokenizer.pad_token_id),
+            "attention_mask": pad([[1] * len(e["input_ids"]) for e in picked], 0),
+            "labels": pad([e["labels"] for e in picked], IGNORE_INDEX),
+        }
+
+    batches = [collate(rng.sample(examples, batch)) for _ in range(steps)]
+    model.train()
+    started = time.perf_counter()
+    for inputs in batches:
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": tokens / seconds,
+                "tokens": tokens,
+                "train_s": seconds,
+                "steps": steps,
+                "dtypes": dtypes,
+            }
+        )
+    )
+
+
+def run_plain(source: Path, run_dir: Path, steps: int) -> dict:
+    fresh_run_dir(source, run_dir)
+    result, extra = measured([sys.executable, __file__, "--plain", str(run_dir), "--steps", str(steps)])
+    if result.returncode != 0:
+        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
+
+
+def cpu_description() -> dict:
+    """The CPU model, its AVX-512 and bf16 flags, and what torch makes of bf16 here, measured."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
+    )
+    flags = set(
+        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    )
+
+    def mm_ms(dtype) -> float:  # a LoRA-shaped matmul of the tiny model: [832, 768] x [768, 64]
+        a, b = torch.randn(832, 768, dtype=dtype), torch.randn(768, 64, dtype=dtype)
+        for _ in range(5):
+            a @ b
+        started = time.perf_counter()
+        for _ in range(50):
+            a @ b
+        return (time.perf_counter() - started) / 50 * 1e3
+
+    fp32, bf16 = mm_ms(torch.float32), mm_ms(torch.bfloat16)
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "mm_fp32_ms": fp32,
+        "mm_bf16_ms": bf16,
+        # Any variable that caps the instruction sets oneDNN or ATen use (emulating an older CPU).
+        "isa_caps": {
+            k: v for k, v in os.environ.items() if k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        },
+    }
+
+
+CEILING = "plain PyTorch loop"
 RUNS = {
     **{name: ("project", overrides) for name, overrides in PROJECT_VARIANTS.items()},
     BASELINE: ("trl", None),
     "trl defaults, no grad ckpt": ("trl", False),
+    CEILING: ("plain", None),
 }
 
 
@@ -246,28 +356,38 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed afterwards)")
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the trl script
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], help=argparse.SUPPRESS)
+    parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="measure only these runs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.baseline:
         gc = None if args.gradient_checkpointing is None else args.gradient_checkpointing == "true"
         baseline_main(args.baseline, args.steps, gc)
         return
+    if args.plain:
+        plain_main(args.plain, args.steps)
+        return
+    runs = {name: RUNS[name] for name in args.only} if args.only else RUNS
 
     batch = compose_tiny(Path("unused")).train.sft.per_device_train_batch_size
     work = args.work or Path(tempfile.mkdtemp(prefix="train-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {name: [] for name in RUNS}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    cpu = cpu_description()
+    print(json.dumps(cpu), file=sys.stderr)
     try:
         print(f"building tiny data and base in {work} ...", file=sys.stderr)
         source = build_source(work)
         for round_ in range(args.repeats):
-            for i, (name, (kind, option)) in enumerate(RUNS.items()):
+            for i, (name, (kind, option)) in enumerate(runs.items()):
                 busy = settle(args.settle)
                 progress = f"[{round_ + 1}/{args.repeats}] {name} ({args.steps} steps, CPUs {busy:.0f}% busy)"
                 print(progress, "...", file=sys.stderr)
                 run_dir = work / f"run-{i}"
                 if kind == "project":
                     result = run_project(source, run_dir, args.steps, option)
+                elif kind == "plain":
+                    result = run_plain(source, run_dir, args.steps)
                 else:
                     result = run_baseline(source, run_dir, args.steps, option)
                 results[name].append(result)
@@ -276,22 +396,34 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results), file=sys.stderr)
-    print_table(results, args.steps, batch)
+    print_table(results, args.steps, batch, cpu)
 
 
-def print_table(results: dict[str, list[dict]], steps: int, batch: int) -> None:
+def print_table(results: dict[str, list[dict]], steps: int, batch: int, cpu: dict) -> None:
     def best(runs):
         ok = [r for r in runs if "error" not in r]
         return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
 
-    baseline = best(results[BASELINE])
+    def ratio(top, reference) -> str:
+        return f"{top['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"
+
+    baseline, ceiling = best(results.get(BASELINE, [])), best(results.get(CEILING, []))
+    rounds_run = max(len(runs) for runs in results.values())
+    flags = ", ".join(
+        f"{flag} {'yes' if cpu[flag] else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    )
     print(
         f"\nTrain throughput, tiny model (experiment=tiny), {steps} steps per run, batch {batch}, "
-        f"{os.cpu_count()} CPUs, best of {len(results[BASELINE])} interleaved round(s)"
+        f"best of {rounds_run} interleaved round(s)"
+        f"\nCPU: {cpu['cpu']}, {cpu['cores']} cores; {flags}; "
+        f"torch CPU capability {cpu['torch_cpu_capability']}, "
+        f"oneDNN bf16 supported: {cpu['torch_mkldnn_bf16_supported']}; [832,768]x[768,64] mm "
+        f"fp32 {cpu['mm_fp32_ms']:.2f} ms, bf16 {cpu['mm_bf16_ms']:.2f} ms"
+        + (f"; ISA capped by {cpu['isa_caps']}" if cpu["isa_caps"] else "")
     )
     header = (
         f"{'run':<28} {'tokens/s':>9} {'all rounds':>19} {'tokens':>7} {'train s':>8} "
-        f"{'others':>9} {'vs trl':>7}"
+        f"{'others':>9} {'vs trl':>7} {'vs loop':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -302,20 +434,26 @@ def print_table(results: dict[str, list[dict]], steps: int, batch: int) -> None:
             continue
         rounds = "/".join(f"{r['tokens_per_s']:.0f}" if "error" not in r else "x" for r in runs)
         others = "/".join(f"{r['other_cores']:.1f}" for r in runs)
-        ratio = f"{top['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "-"
         figures = f"{top['tokens_per_s']:>9.1f} {rounds:>19} {top['tokens']:>7d} {top['train_s']:>8.1f}"
-        print(f"{name:<28} {figures} {others:>9} {ratio:>7}")
+        print(f"{name:<28} {figures} {others:>9} {ratio(top, baseline):>7} {ratio(top, ceiling):>8}")
     print(
         "\ntokens/s: non-padding input tokens / train time (best round); all rounds: each round's tokens/s;"
         "\nothers: cores kept busy by other processes during each round's run (0 = the machine was ours; a"
         "\nrun sharing the 2 cores is several times slower, so trust rounds with others near 0);"
-        "\nvs trl: best tokens/s over the best of the plain trl SFTTrainer baseline (SFTConfig defaults)."
+        "\nvs trl: best tokens/s over the best of the plain trl SFTTrainer baseline (SFTConfig defaults);"
+        "\nvs loop: over the best of the plain PyTorch loop (same base, rows, batch and LoRA; the ceiling)."
     )
     if baseline:
         print(
             f"trl baseline settings: gradient_checkpointing={baseline['gradient_checkpointing']}, "
             f"optim={baseline['optim']}, loss on all tokens, bf16=False (CPU)"
         )
+    print(
+        "versions: "
+        + ", ".join(
+            f"{lib} {version(lib)}" for lib in ("torch", "transformers", "trl", "peft", "bitsandbytes")
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pipeline.config import check_settings, register
 from pipeline.errors import PipelineError
 from pipeline.layout import RunDir
+from pipeline.runlock import hold_run_dir
 from pipeline.stages import STAGES
 from pipeline.summary import print_summary
 
@@ -95,6 +96,8 @@ def main(cfg: DictConfig) -> None:
         warn_remote_code(cfg)
     times = {}
     try:
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, not one per rank
+            hold_run_dir(run_dir)  # already held when run_dir= was given (see __main__ below)
         check_settings(cfg)
         for name in names:
             times[name] = run_stage(name, cfg, run_dir)
@@ -145,6 +148,12 @@ def check_run_dir_argument(overrides: list[str]) -> None:
             pass
     except OSError as err:
         sys.exit(f"error: run_dir={run_dir}: cannot write to {existing}: {err.strerror}")
+    # Before Hydra writes run_dir/.hydra and opens its log: a second run on a busy dir touches nothing.
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            hold_run_dir(run_dir)
+        except PipelineError as err:
+            sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

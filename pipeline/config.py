@@ -94,6 +94,8 @@ class TrainConfig:
     # Greedy answer accuracy on the eval set, before and after training.
     eval_max_rows: int = 200
     eval_max_new_tokens: int = 48
+    # The dtype the LoRA weights train in; null: the base's bnb_4bit_compute_dtype (pipeline/train.py).
+    adapter_dtype: Optional[str] = None
     quantization: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
@@ -192,7 +194,7 @@ def register() -> None:
 # Settings whose type Hydra checks but whose range it cannot: each fails with the key and what it
 # expects before any stage runs, instead of running into nonsense (zero training rows) or a
 # traceback deep in a stage.
-MERGE_DTYPES = ("float16", "bfloat16", "float32")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # data.format: `auto` or a parser of pipeline/data.py (PARSERS, built to these names).
 DATA_FORMATS = ("auto", "guanaco", "messages", "sharegpt", "alpaca")
 
@@ -218,8 +220,11 @@ def check_settings(cfg) -> None:
         positive("train.max_length", cfg.train.max_length),
         positive("train.eval_max_new_tokens", cfg.train.eval_max_new_tokens),
         None
-        if cfg.merge.dtype in MERGE_DTYPES
-        else f"merge.dtype={cfg.merge.dtype}: expected one of {', '.join(MERGE_DTYPES)}",
+        if cfg.train.adapter_dtype in (None, *FLOAT_DTYPES)
+        else f"train.adapter_dtype={cfg.train.adapter_dtype}: expected null or {', '.join(FLOAT_DTYPES)}",
+        None
+        if cfg.merge.dtype in FLOAT_DTYPES
+        else f"merge.dtype={cfg.merge.dtype}: expected one of {', '.join(FLOAT_DTYPES)}",
         positive("merge.check_rows", cfg.merge.check_rows),
         None
         if cfg.export.outtype in OUTTYPES

@@ -13,6 +13,7 @@ the tests find every path of a run here, and a GGUF's quant type is read back fr
       metrics/ladder.json, gguf/README.md   ladder (every artifact against the F16 GGUF)
       smoke/report.json               smoke
       manifest.json                   every stage (pipeline.manifest)
+      .lock                           held by the run using the dir (pipeline.runlock)
 """
 
 from __future__ import annotations
@@ -109,3 +110,7 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"

@@ -70,10 +70,41 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
+def adapter_dtype(cfg) -> str:
+    """The dtype the LoRA weights train in: `train.adapter_dtype`, by default the 4-bit base's compute
+    dtype (bitsandbytes' own default for it is float32)."""
+    return cfg.train.adapter_dtype or cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32"
+
+
+def sft_trainer(model, sft_config, lora_config, dataset, tokenizer, dtype: str, callbacks):
+    """trl's SFTTrainer over the 4-bit base, with the adapter's trainable weights in `dtype`."""
+    import torch
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=callbacks,
+    )
+    # trl's SFTTrainer.__init__ casts every trainable parameter of a quantized model to bfloat16 (the
+    # QLoRA paper's recommendation; sft_trainer.py, "When using QLoRA, the PEFT adapter weights are
+    # converted to bf16"), whatever `bf16` or the compute dtype say. On a CPU without native bf16 that
+    # makes the LoRA matmuls and the hidden states 5-8x slower. The optimizer is built in train(), so
+    # restoring the dtype here is all it takes. DoRA's magnitude vector stays in float32, as trl keeps it.
+    wanted = getattr(torch, dtype)
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name and param.dtype != wanted:
+            param.data = param.data.to(wanted)
+    return trainer
+
+
 def run(cfg, run_dir: Path) -> dict:
     import datasets
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from pipeline.evaluate import answer_accuracy
     from pipeline.fidelity import eval_sequences, hf_logits, perplexity
@@ -121,12 +152,13 @@ def run(cfg, run_dir: Path) -> dict:
 
     model = load_quantized_base(base, cfg)
     throughput = ThroughputCallback()
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config,
-        train_dataset=datasets.Dataset.from_list(examples),
-        processing_class=tokenizer,
-        peft_config=lora_config,
+    trainer = sft_trainer(
+        model,
+        sft_config,
+        lora_config,
+        datasets.Dataset.from_list(examples),
+        tokenizer,
+        adapter_dtype(cfg),
         callbacks=[throughput],
     )
     # Only now, with the new run certain to start, may an older run's checkpoints go: a fresh start
@@ -168,6 +200,7 @@ def run(cfg, run_dir: Path) -> dict:
         save_tokenizer(tokenizer, sp_model, tmp)
 
     metrics = {
+        "adapter_dtype": adapter_dtype(cfg),
         "encode": encode_stats,
         "steps": trainer.state.global_step,
         "resumed_from": resume_from,
@@ -196,9 +229,12 @@ class ThroughputCallback(TrainerCallback):
     def __init__(self):
         self.figures = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch
 
+        # The dtypes the trainable weights actually have as training starts (not what was configured).
+        trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        self.figures["adapter_dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._start = (time.perf_counter(), state.num_input_tokens_seen, _cpu_seconds())
@@ -212,6 +248,7 @@ class ThroughputCallback(TrainerCallback):
         machine, own = (now - then for now, then in zip(_cpu_seconds(), self._start[2]))
         others = max(machine - own, 0.0) / seconds if seconds else 0.0
         self.figures = {
+            **self.figures,
             "train_seconds": seconds,
             "train_tokens": tokens,
             "train_tokens_per_s": tokens / seconds if seconds else None,

@@ -333,9 +333,14 @@ def test_a_missing_or_wrong_input_is_one_line(case, tmp_path):
     line = last_line(result.stderr)
     assert line.startswith("error: ") and expected in line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    # Hydra's own log and .hydra/ record of the command are not artifacts; any other new file is.
+    # Hydra's own log and .hydra/ record of the command, and the run's lock file (pipeline.runlock),
+    # are not artifacts; any other new file is.
     after = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
-    written = [p for p in after if p not in before and p.suffix != ".log" and ".hydra" not in p.parts]
+    written = [
+        p
+        for p in after
+        if p not in before and p.suffix != ".log" and p.name != ".lock" and ".hydra" not in p.parts
+    ]
     assert written == [], f"written despite the error: {written}"
 
 
@@ -354,3 +359,46 @@ def test_an_unexpected_error_keeps_its_whole_traceback(tiny_run, tmp_path):
     log = (run_dir / "__main__.log").read_text()
     assert "Traceback (most recent call last)" in log and "load_adapter" in log
     assert not (run_dir / "merged").exists()
+
+
+def test_a_second_run_on_a_busy_run_dir_is_refused_and_a_killed_holder_never_blocks(tmp_path):
+    """Two runs, one run dir: the second refuses at once naming the holder's pid, and writes nothing
+    (Hydra's .hydra/ of the first is untouched); once the holder is SIGKILLed, its lock is gone."""
+    run_dir = tmp_path / "run"
+    run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "stage=train", "experiment=tiny", f"run_dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lock = run_dir / ".lock"
+        deadline = time.monotonic() + 60
+        while not (lock.is_file() and lock.read_text().startswith(f"{holder.pid} ")):
+            assert holder.poll() is None and time.monotonic() < deadline, "the train run never took the lock"
+            time.sleep(0.2)
+        time.sleep(1.0)  # Hydra has written the holder's .hydra/ by now
+        hydra_config = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+        started = time.monotonic()
+        second = run_pipeline(
+            "stage=data", "experiment=tiny", f"run_dir={run_dir}", "force=true", check=False
+        )
+        assert time.monotonic() - started < 30, "the second run did not refuse at once"
+        assert second.returncode != 0
+        line = second.stderr.strip()
+        assert "\n" not in line and line.startswith(
+            f"error: run_dir={run_dir.resolve()} is in use by another run (pid {holder.pid}, started "
+        ), line
+        assert line.endswith("); wait for it to finish, or choose another run_dir"), line
+        assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == hydra_config
+        assert holder.poll() is None, "the refused run disturbed the holder"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock file is still there with the dead pid in it; the kernel dropped the lock itself.
+    assert (run_dir / ".lock").read_text().startswith(f"{holder.pid} ")
+    again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IN_OPEN, IN_Q_OVERFLOW, IN_ISDIR = 0x20, 0x4000, 0x40000000
 # Written or read by the runner around every stage, not by the stage: Hydra's log and saved config,
 # and the manifest (the record of the inputs, not one of them).
-RUNNER_FILES = ("__main__.log", "manifest.json", ".hydra/")
+RUNNER_FILES = ("__main__.log", "manifest.json", ".hydra/", ".lock")
 
 
 class OpenWatch:

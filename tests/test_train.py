@@ -250,6 +250,66 @@ def test_tiny_base_with_the_llama2_tokenizer_has_its_vocab(tmp_path, llama2_toke
 # ---------------------------------------------------------------- the full tiny run's artifacts
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ((), "float32"),  # the tiny preset: follows bnb_4bit_compute_dtype=float32
+        (("train.adapter_dtype=bfloat16",), "bfloat16"),
+        (("train.quantization.bnb_4bit_compute_dtype=bfloat16",), "bfloat16"),
+        (("train.quantization.bnb_4bit_compute_dtype=bfloat16", "train.adapter_dtype=float32"), "float32"),
+    ],
+)
+def test_adapter_trains_in_the_configured_dtype_not_trls_bf16(tmp_path, overrides, expected):
+    """trl's SFTTrainer casts a quantized model's trainable weights to bfloat16 in __init__; after the
+    stage builds its trainer they have the configured dtype (fails if trl's cast comes back)."""
+    import datasets
+    import torch
+    from hydra import compose, initialize_config_dir
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from pipeline.config import register
+    from pipeline.models import load_quantized_base
+    from pipeline.tokenizer import build_tokenizer
+    from pipeline.train import adapter_dtype, sft_trainer
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny", *overrides])
+    base = build_tiny(tmp_path / "base")
+    tokenizer = build_tokenizer(base / "tokenizer.model")
+    examples, _ = encode_rows(synthetic_train_rows()[:8], tokenizer, cfg.train.max_length)
+    model = load_quantized_base(str(base), cfg)
+    trainer = sft_trainer(
+        model,
+        SFTConfig(
+            output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", bf16=False, max_length=None
+        ),
+        LoraConfig(**OmegaConf.to_container(cfg.train.lora)),
+        datasets.Dataset.from_list(examples),
+        tokenizer,
+        adapter_dtype(cfg),
+        callbacks=[],
+    )
+    trainable = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and any("lora_A" in name for name in trainable)
+    assert set(trainable.values()) == {getattr(torch, expected)}, trainable
+    assert adapter_dtype(cfg) == expected
+
+
+def test_adapter_dtype_out_of_range_is_one_line(tmp_path):
+    result = run_pipeline(
+        "stage=train",
+        "experiment=tiny",
+        f"run_dir={tmp_path / 'run'}",
+        "train.adapter_dtype=int8",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "train.adapter_dtype=int8: expected null or float16, bfloat16, float32" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_adapter_loads_on_its_base_from_another_cwd(tiny_run, tmp_path, monkeypatch):
     import torch
@@ -291,6 +351,13 @@ def test_train_metrics(tiny_run):
     curve = [point["loss"] for point in metrics["loss_curve"]]
     assert len(curve) >= 2 and curve[-1] < curve[0]
     assert metrics["steps"] == 300 and metrics["resumed_from"] is None
+    # The tiny preset trains the adapter in float32 (its compute dtype), not in trl's bfloat16: the
+    # dtypes seen as training began, and those saved.
+    assert metrics["adapter_dtype"] == "float32" and metrics["adapter_dtypes"] == ["float32"]
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_run / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F32"}
     assert metrics["train_tokens_per_s"] > 0 and metrics["train_tokens"] > 0
     assert metrics["peak_rss_mb"] > 0
     assert metrics["answer_accuracy_trained"]["accuracy"] >= 0.9
