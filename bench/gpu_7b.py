@@ -289,6 +289,13 @@ def main() -> None:
     parser.add_argument(
         "--train-only", action="store_true", help="only the train stage and the trl baseline (step 1)"
     )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pipeline overrides for the project's stages, replacing the bench's own for the same key",
+    )
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: the trl script
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -344,6 +351,9 @@ def main() -> None:
         "export.quants=[Q4_K_M]",
         *(CPU_OVERRIDES if args.cpu_check else []),
     ]
+    replaced = {item.split("=", 1)[0] for item in args.set}
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced] + args.set
+    results["overrides"] = args.set
     pipeline_stage("data", run_dir, overrides)
     print("train: the project's stage ...", file=sys.stderr)
     train = pipeline_stage("train", run_dir, overrides)

@@ -264,15 +264,15 @@ def plain_main(run_dir: Path, steps: int) -> None:
             "labels": pad([e["labels"] for e in picked], IGNORE_INDEX),
         }
 
-    batches = [collate(rng.sample(examples, batch)) for _ in range(steps)]
     model.train()
-    started = time.perf_counter()
-    for inputs in batches:
+    tokens, started = 0, time.perf_counter()
+    for _ in range(steps):
+        inputs = collate(rng.sample(examples, batch))
         model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        tokens += int(inputs["attention_mask"].sum())
     seconds = time.perf_counter() - started
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
     print(
         json.dumps(

@@ -47,9 +47,9 @@ def summarise(answers: list[dict], min_accuracy: float | None, min_eos_stop: flo
 
 
 def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> dict:
-    from llama_cpp import Llama
+    from pipeline.gguf import open_llama
 
-    llama = Llama(model_path=str(gguf), n_ctx=cfg.smoke.n_ctx, seed=0, verbose=False)
+    llama = open_llama(gguf, n_ctx=cfg.smoke.n_ctx, seed=0)
     try:
         answers = []
         for messages, expected in questions:

@@ -106,9 +106,9 @@ class LlamaCppEngine:
     name = "llama-cpp-python"
 
     def __init__(self, gguf: Path, llama=None):
-        from llama_cpp import Llama
+        from pipeline.gguf import open_llama
 
-        self.llama = llama or Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+        self.llama = llama or open_llama(gguf, vocab_only=True)
         metadata = self.llama.metadata
         if "tokenizer.chat_template" not in metadata:
             raise DataError(

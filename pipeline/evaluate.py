@@ -29,8 +29,11 @@ def answer_accuracy(
         encoded = [encode_dialog(messages, tokenizer) for messages, _ in batch]
         width = max(len(ids) for ids in encoded)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        # On the model's device: a model wholly on one GPU gets no automatic input placement.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device
+        )
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -47,8 +47,9 @@ def hf_logits(model, sequences: list[EvalSequence]) -> list[np.ndarray]:
     out = []
     with torch.no_grad():
         for seq in sequences:
-            logits = model(input_ids=torch.tensor([seq.input_ids])).logits[0]
-            out.append(logits[seq.targets].float().numpy())
+            # On the model's device (a model wholly on one GPU gets no automatic input placement).
+            logits = model(input_ids=torch.tensor([seq.input_ids], device=model.device)).logits[0]
+            out.append(logits[seq.targets].float().cpu().numpy())
     return out
 
 
@@ -56,17 +57,10 @@ def llamacpp_logits(
     gguf_path, sequences: list[EvalSequence], n_threads: int | None = None
 ) -> list[np.ndarray]:
     """float32 logits [targets, vocab] computed by llama.cpp from a GGUF."""
-    from llama_cpp import Llama
+    from pipeline.gguf import open_llama
 
     n_ctx = max(len(s.input_ids) for s in sequences)
-    llama = Llama(
-        model_path=str(gguf_path),
-        n_ctx=max(n_ctx, 64),
-        logits_all=True,
-        verbose=False,
-        n_threads=n_threads,
-        seed=0,
-    )
+    llama = open_llama(gguf_path, n_ctx=max(n_ctx, 64), logits_all=True, n_threads=n_threads, seed=0)
     try:
         out = []
         for seq in sequences:

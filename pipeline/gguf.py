@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.chat import LLAMA2_CHAT_TEMPLATE
-from pipeline.errors import ConfigError, GGUFCheckError, ToolFailed
+from pipeline.errors import ConfigError, DataError, GGUFCheckError, ToolFailed
 from pipeline.io import atomic_file
 from pipeline.layout import OUTTYPES, quant_type
 from pipeline.llamacpp import LlamaCpp
@@ -55,11 +55,35 @@ def run_showing_progress(command: list[str]) -> tuple[int, str]:
     return process.wait(), tail.decode(errors="replace")
 
 
-def read_gguf_metadata(path: Path) -> dict:
-    """The GGUF's key/value metadata, read by llama.cpp itself (arrays are left out)."""
+GGUF_MAGIC = b"GGUF"
+
+
+def open_llama(path: Path, **kwargs):
+    """llama-cpp-python's `Llama` over a GGUF; a file that is not one, or that llama.cpp refuses
+    (truncated, damaged), is a DataError naming it instead of the binding's bare ValueError."""
     from llama_cpp import Llama
 
-    llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    path = Path(path)
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise DataError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+    except ValueError as err:
+        raise DataError(f"{path}: llama.cpp cannot load this GGUF (truncated or damaged?): {err}") from err
+
+
+def check_gguf_loads(path: Path) -> None:
+    """Fail, naming the file, unless llama.cpp loads the whole GGUF (its tensors' bounds included;
+    memory-mapped, so even a 7B costs page cache, not RAM). Stages check their GGUF inputs with it
+    before any work, so none proceeds on a damaged one."""
+    open_llama(path, n_ctx=16, n_threads=1).close()
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The GGUF's key/value metadata, read by llama.cpp itself (arrays are left out)."""
+    llama = open_llama(path, vocab_only=True)
     try:
         return dict(llama.metadata)
     finally:

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.errors import CheckFailed, MissingInput
 from pipeline.fidelity import eval_sequences, hf_logits, llamacpp_logits, rung
-from pipeline.gguf import quantize_gguf
+from pipeline.gguf import check_gguf_loads, quantize_gguf
 from pipeline.io import atomic_file, write_json
 from pipeline.layout import OUTTYPES, RunDir
 from pipeline.llamacpp import LlamaCpp
@@ -43,6 +43,7 @@ def run(cfg, run_dir: Path) -> dict:
     for path in [reference_gguf, *(layout.gguf(q) for q in quants)]:
         if not path.is_file():
             raise MissingInput(f"{path} not found: run stage=convert and stage=quantize first")
+        check_gguf_loads(path)
     tokenizer = load_tokenizer(layout.merged)
     sequences = eval_sequences(
         read_jsonl(layout.eval_rows), tokenizer, cfg.export.ladder_rows, cfg.train.max_length

@@ -34,6 +34,7 @@ from pipeline.engines import (
     VLLMEngine,
 )
 from pipeline.errors import CheckFailed, MissingInput
+from pipeline.gguf import check_gguf_loads
 from pipeline.io import write_json
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
@@ -171,6 +172,8 @@ def run(cfg, run_dir: Path) -> dict:
                 f"{path} not found: run the merge/convert/quantize stages first, "
                 "or point smoke.hf_dir= / smoke.gguf= at existing artifacts"
             )
+    for gguf in ggufs:
+        check_gguf_loads(gguf)
     eval_rows = read_jsonl(layout.eval_rows) if layout.eval_rows.is_file() else []
     transformers_engine = TransformersEngine(hf_dir)
     tokenizer = transformers_engine.tokenizer

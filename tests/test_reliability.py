@@ -402,3 +402,34 @@ def test_a_second_run_on_a_busy_run_dir_is_refused_and_a_killed_holder_never_blo
     assert (run_dir / ".lock").read_text().startswith(f"{holder.pid} ")
     again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}", check=False)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["not a GGUF", "truncated"])
+@pytest.mark.parametrize("stage", ["smoke", "ladder"])
+def test_a_damaged_gguf_is_one_line_naming_it_before_the_stage_works(damage, stage, tiny_run, tmp_path):
+    """smoke.gguf= or the run's own GGUF that is not a GGUF, or cut short: one line naming the file,
+    before the stage starts any engine (llama-cpp-python's own error is a bare ValueError)."""
+    run_dir = tmp_path / "run"
+    for name in ("data", "merged", "gguf", "base", "adapter"):
+        shutil.copytree(tiny_run / name, run_dir / name, symlinks=True)
+    shipped = sorted((run_dir / "gguf").glob("*-F16.gguf"))[0]
+    bad = shipped if stage == "ladder" else tmp_path / "bad.gguf"
+    if damage == "not a GGUF":
+        bad.write_text("this is a text file, not a model\n")
+    else:
+        data = shipped.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    args = [f"stage={stage}", "experiment=tiny", f"run_dir={run_dir}"]
+    if stage == "smoke":
+        args += [f"smoke.hf_dir={run_dir / 'merged'}", f"smoke.gguf=[{bad}]"]
+    result = run_pipeline(*args, check=False, timeout=300)
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert line.startswith(f"error: {bad}: "), result.stderr[-2000:]
+    assert ("not a GGUF file" if damage == "not a GGUF" else "llama.cpp cannot load this GGUF") in line
+    assert "Traceback" not in result.stderr
+    assert (
+        not (run_dir / "smoke" / "report.json").exists()
+        and not (run_dir / "metrics" / "ladder.json").exists()
+    )
