@@ -7,9 +7,11 @@ skipped; `force=true` reruns it.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -104,6 +106,21 @@ def main(cfg: DictConfig) -> None:
     except PipelineError as err:  # the project's own: one line that names the file or key
         log.error("%s: %s", type(err).__name__, err)  # into run_dir's log
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            log.exception("stage failed with an unexpected error; traceback follows")
+            raise
+        # The disk filled up mid-write: artifacts are written to temporaries and renamed (pipeline.io),
+        # and the manifest is recorded only after a stage ends, so nothing final is half-written.
+        where = Path(err.filename) if err.filename else run_dir
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+        message = (
+            f"{where}: no space left on the device ({free / 1e6:.1f} MB free there now); nothing was "
+            "written under a final name: free some space and rerun"
+        )
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except Exception:
         # Anything else (CUDA out of memory, NCCL, a library's error, a bug) keeps its whole

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.diskspace import gguf_bytes, require_free, safetensors_elements
 from pipeline.errors import MissingInput
 from pipeline.gguf import check_gguf, convert_to_gguf, special_ids
 from pipeline.io import check_safetensors
-from pipeline.layout import RunDir
+from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.ollama import write_modelfile
 
@@ -26,6 +27,8 @@ def run(cfg, run_dir: Path) -> dict:
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
 
     outfile = layout.converted_gguf(cfg.export.outtype)
+    elements = safetensors_elements(sorted(layout.merged.glob("*.safetensors")))
+    require_free(outfile.parent, gguf_bytes(elements, quant_type(outfile)), f"{outfile.name}")
     checked = {}
     convert_to_gguf(
         layout.merged,

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.diskspace import DTYPE_BYTES, require_free, safetensors_elements
 from pipeline.errors import MergeError, MissingInput
 from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
@@ -238,6 +239,8 @@ def run(cfg, run_dir: Path) -> dict:
     base = local_base(adapter_config["base_model_name_or_path"], layout)
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
     check_adapter_fits(deltas, base_files)
+    merged_bytes = safetensors_elements(base_files) * DTYPE_BYTES[cfg.merge.dtype]
+    require_free(layout.merged.parent, merged_bytes, f"the merged model in {cfg.merge.dtype}")
     dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value
     quantization = OmegaConf.to_container(cfg.train.quantization)
     tokenizer = load_tokenizer(adapter_dir)

@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 from pipeline.chat import encode_dialog
+from pipeline.diskspace import GGUF_BITS, gguf_bytes, require_free
 from pipeline.errors import MissingInput
 from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quantize_gguf, special_ids
 from pipeline.io import sha256_file
-from pipeline.layout import RunDir
+from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.ollama import write_modelfile
 from pipeline.progress import progress
@@ -76,6 +77,12 @@ def run(cfg, run_dir: Path) -> dict:
     def check(tmp: Path) -> None:
         check_gguf(tmp, bos_id, eos_id)
 
+    # Each type against the F16 GGUF's 16 bits a weight (the converter's output, export.outtype).
+    elements = source.stat().st_size * 8 / GGUF_BITS.get(quant_type(source), 16.0)
+    new_types = [t for t in cfg.export.quants if layout.gguf(t) != source]
+    require_free(
+        layout.gguf_dir, sum(gguf_bytes(elements, t) for t in new_types), f"the quants {', '.join(new_types)}"
+    )
     metrics = {"source": source.name, "files": {}, "imatrix": None}
     if cfg.export.imatrix.types:
         metrics["imatrix"] = make_imatrix(cfg, layout, source, load_tokenizer(layout.merged), llamacpp)

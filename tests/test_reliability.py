@@ -433,3 +433,55 @@ def test_a_damaged_gguf_is_one_line_naming_it_before_the_stage_works(damage, sta
         not (run_dir / "smoke" / "report.json").exists()
         and not (run_dir / "metrics" / "ladder.json").exists()
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 72 MB tmpfs (the tiny model's merged dir fits, a GGUF beside it with the stage's margin not)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["convert", "quantize"])
+def test_a_stage_that_would_fill_the_disk_refuses_before_writing(stage, tiny_run, small_disk):
+    """Too little free space for the GGUF(s): one line naming the directory, what the stage needs and
+    what is free; no GGUF is written and the manifest is as it was."""
+    run_dir = small_disk / "run"
+    for name in ("data", "merged") if stage == "convert" else ("data", "merged/generation_config.json"):
+        source = tiny_run / name
+        if source.is_dir():
+            shutil.copytree(source, run_dir / name)
+        else:
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, run_dir / name)
+    if stage == "quantize":
+        (run_dir / "gguf").mkdir()
+        shipped = sorted((tiny_run / "gguf").glob("*-F16.gguf"))[0]
+        shutil.copy(shipped, run_dir / "gguf" / shipped.name)
+        shutil.copytree(tiny_run / "merged", run_dir / "merged", dirs_exist_ok=True)
+    shutil.copy(tiny_run / "manifest.json", run_dir / "manifest.json")
+    manifest = (run_dir / "manifest.json").read_bytes()
+    before = sorted(p.name for p in (run_dir / "gguf").glob("*")) if stage == "quantize" else []
+    result = run_pipeline(
+        f"stage={stage}", "experiment=tiny", f"run_dir={run_dir}", "force=true", check=False
+    )
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert line.startswith(f"error: {run_dir / 'gguf'}: not enough free disk space for "), result.stderr[
+        -2000:
+    ]
+    assert "needs about" in line and "MB free there" in line
+    assert "Traceback" not in result.stderr
+    after = sorted(p.name for p in (run_dir / "gguf").glob("*")) if (run_dir / "gguf").exists() else []
+    assert after == before, "a GGUF (or a temporary) was written"
+    assert (run_dir / "manifest.json").read_bytes() == manifest
