@@ -14,6 +14,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.errors import DataError
 from pipeline.io import sha256_file, write_json
 from pipeline.layout import RunDir
 
@@ -66,12 +67,45 @@ def files_of(paths: list[Path]) -> list[Path]:
     return sorted(files)
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest, or a DataError naming it when it is not one the pipeline wrote (edited by hand,
+    cut short): a stage never decides what to skip, or records its outputs, on a damaged record."""
+    advice = "restore it, or move it away to rerun every stage"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}): {advice}") from err
+    stage_keys = {"config_hash": str, "inputs": dict, "outputs": list}
+    artifact_keys = {"sha256": str, "size": int, "stage": str}
+    problem = None
+    if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
+        problem = 'expected an object with "artifacts" and "stages" objects'
+    elif not isinstance(data.get("stages"), dict):
+        problem = 'expected a "stages" object'
+    else:
+        for name, record in data["stages"].items():
+            if not isinstance(record, dict) or any(
+                not isinstance(record.get(k), t) for k, t in stage_keys.items()
+            ):
+                problem = f"stages.{name}: expected {', '.join(stage_keys)}"
+                break
+        for rel, artifact in data["artifacts"].items():
+            if not isinstance(artifact, dict) or any(
+                not isinstance(artifact.get(k), t) for k, t in artifact_keys.items()
+            ):
+                problem = f"artifacts.{rel}: expected {', '.join(artifact_keys)}"
+                break
+    if problem:
+        raise DataError(f"{path}: not a manifest this pipeline wrote ({problem}): {advice}")
+    return data
+
+
 class Manifest:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = RunDir(self.run_dir).manifest
         if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            self.data = read_manifest(self.path)
         else:
             self.data = {"artifacts": {}, "stages": {}}
 

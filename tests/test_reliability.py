@@ -485,3 +485,27 @@ def test_a_stage_that_would_fill_the_disk_refuses_before_writing(stage, tiny_run
     after = sorted(p.name for p in (run_dir / "gguf").glob("*")) if (run_dir / "gguf").exists() else []
     assert after == before, "a GGUF (or a temporary) was written"
     assert (run_dir / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ('{"stages": ', "not valid JSON"),
+        ("[1, 2]", 'expected an object with "artifacts" and "stages" objects'),
+        ('{"artifacts": {}, "stages": {"data": {"inputs": {}}}}', "stages.data: expected config_hash"),
+        ('{"artifacts": {"data/train.jsonl": {"sha256": 1}}, "stages": {}}', "artifacts.data/train.jsonl"),
+    ],
+)
+def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected, tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
+    (run_dir / "manifest.json").write_text(edit)
+    result = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}", check=False)
+    assert result.returncode != 0
+    line = last_line(result.stderr)
+    assert line.startswith(f"error: {run_dir / 'manifest.json'}: ") and expected in line, result.stderr[
+        -2000:
+    ]
+    assert line.endswith("restore it, or move it away to rerun every stage")
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "manifest.json").read_text() == edit
