@@ -151,6 +151,13 @@ class VLLMSmokeConfig:
 
 
 @dataclass
+class LoadSmokeConfig:
+    requests: int = 32  # concurrent chat requests to llama-server, every other one streamed
+    parallel: int = 4  # llama-server --parallel: its slots (each gets smoke.n_ctx of context)
+    timeout: float = 300  # seconds for one request, and for the whole check's wait on each
+
+
+@dataclass
 class SmokeConfig:
     hf_dir: Optional[str] = None  # merged HF dir to check instead of run_dir/merged
     gguf: list[str] = field(default_factory=list)  # GGUFs to check instead of run_dir/gguf/*
@@ -164,6 +171,7 @@ class SmokeConfig:
     min_eos_stop: float = 1.0
     tgi: TGISmokeConfig = field(default_factory=TGISmokeConfig)
     vllm: VLLMSmokeConfig = field(default_factory=VLLMSmokeConfig)
+    load: LoadSmokeConfig = field(default_factory=LoadSmokeConfig)
 
 
 @dataclass
@@ -237,6 +245,8 @@ def check_settings(cfg) -> None:
         positive("export.imatrix.chunks", cfg.export.imatrix.chunks),
         positive("smoke.n_ctx", cfg.smoke.n_ctx),
         positive("smoke.max_tokens", cfg.smoke.max_tokens),
+        positive("smoke.load.requests", cfg.smoke.load.requests),
+        positive("smoke.load.parallel", cfg.smoke.load.parallel),
     ]
     max_steps = cfg.train.sft.get("max_steps")
     if max_steps is not None and max_steps != -1 and max_steps <= 0:

@@ -38,6 +38,7 @@ from pipeline.gguf import check_gguf_loads
 from pipeline.io import write_json
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
+from pipeline.loadcheck import load_check
 from pipeline.parity import PARITY_SUITE, engine_parity, space_run_differences
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
@@ -81,6 +82,13 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
                 base_url, served, cfg.smoke.max_tokens, stream, None if stream else tokenizer
             )
             section[mode] = summarise(answers, min_accuracy, cfg.smoke.min_eos_stop)
+    slots = cfg.smoke.load.parallel
+    load_args = ("--parallel", str(slots), "--ctx-size", str(cfg.smoke.n_ctx * slots))
+    with serve_llama_server(gguf, log_dir / "llama-server-load.log", llamacpp, load_args) as base_url:
+        load = load_check(
+            base_url, served, tokenizer, cfg.smoke.max_tokens, cfg.smoke.load.requests, cfg.smoke.load.timeout
+        )
+        section["load"] = {"parallel_slots": slots, **load}
     with serve_llama_server(
         gguf, log_dir / "llama-server-no-jinja.log", llamacpp, ("--no-jinja",)
     ) as base_url:
@@ -102,6 +110,7 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
         section["parity"]["status"],
         section["non_streaming"]["status"],
         section["streaming"]["status"],
+        section["load"]["status"],
     ]
     section["status"] = "fail" if "fail" in statuses else "pass"
     return section

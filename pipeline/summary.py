@@ -40,6 +40,14 @@ def format_smoke_report(report: dict) -> str:
     )
     for mode in ("non_streaming", "streaming"):
         row(f"llama-server {commit} {mode}", native[mode]["status"], answers(native[mode]))
+    load = native.get("load")
+    if load:
+        detail = load.get("reason") or (
+            f"{load['completed']}/{load['requests']} requests on {load['parallel_slots']} slots, "
+            f"p50 {load['latency_p50_s']} s, p95 {load['latency_p95_s']} s, "
+            f"{load['completion_tokens_per_s']} tokens/s" + "".join(f"; {f}" for f in load["failures"])
+        )
+        row(f"llama-server {commit} under load", load["status"], detail)
     b = native["builtin_no_jinja"]
     row(
         f"llama-server {commit} --no-jinja (built-in format)",

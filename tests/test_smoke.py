@@ -302,6 +302,45 @@ def test_vllm_without_an_install_is_not_run_with_the_reason(cfg, tmp_path):
     assert "python -m pipeline.vllm setup" in section["reason"]
 
 
+def test_report_llama_server_under_load_keeps_ids_eos_and_answers_apart(report, cfg):
+    """32 concurrent chat requests (half streamed) on a llama-server with several slots: every one fed
+    Meta's ids (usage.prompt_tokens and /tokenize), stopped on EOS and got its own answer."""
+    load = report["llama_server"]["load"]
+    assert load["status"] == "pass", load
+    assert load["requests"] == cfg.smoke.load.requests >= 32 and load["completed"] == load["requests"]
+    assert load["parallel_slots"] == cfg.smoke.load.parallel > 1
+    assert 0 < load["streamed"] < load["requests"] and load["distinct_prompts"] > 1
+    assert load["prompt_ids"] == load["not_stopped_on_eos"] == load["cross_talk"] == 0
+    assert 0 < load["latency_p50_s"] <= load["latency_p95_s"] and load["completion_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_load_check_fails_when_answers_are_cut_or_ids_differ(
+    tiny_run, tokenizer, eval_rows, llamacpp, tmp_path
+):
+    """The load check can fail: answers cut at max_tokens=1 do not stop on EOS, and prompts whose
+    reference ids differ from what the server is fed count."""
+    from pipeline.answering import eval_questions
+    from pipeline.loadcheck import load_check
+    from pipeline.serving import serve_llama_server
+
+    questions = eval_questions(eval_rows, 4)
+    gguf = gguf_of(tiny_run, "Q4_K_M")
+    args = ("--parallel", "2", "--ctx-size", "512")
+    with serve_llama_server(gguf, tmp_path / "server.log", llamacpp, args) as base_url:
+        cut = load_check(base_url, questions, tokenizer, 1, 8, 120)
+
+        class WrongReference:  # encode_dialog with it starts with <unk> where the server feeds BOS
+            bos_token_id = 0
+
+            def __getattr__(self, name):
+                return getattr(tokenizer, name)
+
+        shifted = load_check(base_url, questions, WrongReference(), 8, 8, 120)
+    assert cut["status"] == "fail" and cut["not_stopped_on_eos"] == 8, cut
+    assert shifted["status"] == "fail" and shifted["prompt_ids"] == 8, shifted
+
+
 @pytest.mark.slow
 def test_report_llama_server_builtin_format_is_measured_not_passed(report):
     """`--no-jinja` is llama.cpp's built-in Llama-2 layout, not Meta's: counts, never a pass."""

@@ -1,0 +1,109 @@
+"""The served model under load: many concurrent chat requests to one `llama-server` with several
+parallel slots, streamed and not. Each request must still be fed Meta's ids, stop on EOS, and get
+its own answer (no cross-talk between slots); latency and throughput are reported, not judged."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline.chat import encode_dialog
+from pipeline.engines import LlamaServerEngine
+from pipeline.serving import http_json, http_sse
+
+
+def one_request(base_url: str, messages, max_tokens: int, stream: bool, timeout: float) -> dict:
+    """A greedy chat request: reply, finish reason, prompt/completion token counts, seconds."""
+    body = {"model": "model", "messages": messages, "temperature": 0.0, "max_tokens": max_tokens, "seed": 0}
+    started = time.perf_counter()
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+        events = http_sse(f"{base_url}/v1/chat/completions", body, timeout=timeout)
+        reply = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+        finish = next(
+            (
+                e["choices"][0]["finish_reason"]
+                for e in events
+                if e.get("choices") and e["choices"][0].get("finish_reason")
+            ),
+            None,
+        )
+        usage = next((e["usage"] for e in reversed(events) if e.get("usage")), {})
+    else:
+        out = http_json(f"{base_url}/v1/chat/completions", body, timeout=timeout)
+        reply, finish, usage = (
+            out["choices"][0]["message"]["content"] or "",
+            out["choices"][0]["finish_reason"],
+            out["usage"],
+        )
+    return {
+        "reply": reply,
+        "finish": finish,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: int, timeout: float) -> dict:
+    """`requests` concurrent requests over `questions` (cycled), every other one streamed. A reply is
+    its own when it equals the same prompt's reply asked alone, or holds the prompt's expected answer."""
+    if not questions:
+        return {"status": "not_run", "reason": "no eval question to ask (none, or none fits the context)"}
+    engine = LlamaServerEngine(base_url)
+    alone = {
+        i: one_request(base_url, q[0], max_tokens, False, timeout)["reply"] for i, q in enumerate(questions)
+    }
+    jobs = [(i % len(questions), i % 2 == 1) for i in range(requests)]
+
+    def run(job):
+        index, stream = job
+        messages = questions[index][0]
+        result = one_request(base_url, messages, max_tokens, stream, timeout)
+        result["tokenized"] = engine.chat_ids(messages)  # /apply-template + /tokenize, under the same load
+        return index, stream, result
+
+    started = time.perf_counter()
+    failed, results = [], []
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        for future in [pool.submit(run, job) for job in jobs]:
+            try:
+                results.append(future.result(timeout=timeout))
+            except Exception as err:  # noqa: BLE001 - a failed request is a figure here, not a crash
+                failed.append(f"{type(err).__name__}: {err}"[:200])
+    wall = time.perf_counter() - started
+    problems = {"prompt_ids": 0, "not_stopped_on_eos": 0, "cross_talk": 0}
+    for index, _, result in results:
+        messages, expected = questions[index]
+        reference = encode_dialog(messages, tokenizer)
+        problems["prompt_ids"] += (
+            result["prompt_tokens"] != len(reference) or result["tokenized"] != reference
+        )
+        problems["not_stopped_on_eos"] += result["finish"] != "stop"
+        own = result["reply"] == alone[index] or (expected is not None and expected in result["reply"])
+        problems["cross_talk"] += not own
+    latencies = [r["seconds"] for _, _, r in results]
+    completion = sum(r["completion_tokens"] or 0 for _, _, r in results)
+    failures = [f"{n} request(s) failed" for n in [len(failed)] if n] + [
+        f"{count} request(s): {name.replace('_', ' ')}" for name, count in problems.items() if count
+    ]
+    return {
+        "status": "fail" if failures else "pass",
+        "failures": failures,
+        "requests": requests,
+        "streamed": sum(stream for _, stream in jobs),
+        "distinct_prompts": len(questions),
+        "completed": len(results),
+        "errors": failed[:5],
+        **problems,
+        "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+        "latency_p95_s": round(percentile(latencies, 95), 3) if latencies else None,
+        "wall_s": round(wall, 3),
+        "completion_tokens": completion,
+        "completion_tokens_per_s": round(completion / wall, 1) if wall else None,
+    }
