@@ -3,6 +3,7 @@ the answer is known, stop on EOS, and whether the prompt ids the engine fed equa
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.chat import encode_dialog
@@ -76,6 +77,42 @@ def llamacpp_in_process(gguf: Path, questions, tokenizer, cfg, min_accuracy) -> 
         llama.close()
 
 
+def chat_request(
+    base_url: str, messages, max_tokens: int, stream: bool, extra: dict | None = None, timeout: float = 120
+) -> dict:
+    """One greedy `/v1/chat/completions` request (llama.cpp, vLLM or TGI): the reply, its finish
+    reason, `usage` (in a stream, where the server sends it), the prompt ids where the server returns
+    them (vLLM's `prompt_token_ids`), and the seconds it took."""
+    body = {
+        "model": "model",
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "seed": 0,
+        **(extra or {}),
+    }
+    started = time.perf_counter()
+    if stream:
+        events = http_sse(f"{base_url}/v1/chat/completions", {**body, "stream": True}, timeout=timeout)
+        choices = [e["choices"][0] for e in events if e.get("choices")]
+        reply = "".join(c["delta"].get("content") or "" for c in choices)
+        finish = next((c["finish_reason"] for c in reversed(choices) if c.get("finish_reason")), None)
+        usage = next((e["usage"] for e in reversed(events) if e.get("usage")), {})
+        fed = None
+    else:
+        out = http_json(f"{base_url}/v1/chat/completions", body, timeout=timeout)
+        choice = out["choices"][0]
+        reply, finish = choice["message"]["content"] or "", choice["finish_reason"]
+        usage, fed = out.get("usage") or {}, out.get("prompt_token_ids")
+    return {
+        "reply": reply,
+        "finish": finish,
+        "usage": usage,
+        "prompt_token_ids": fed,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def chat_answers(
     base_url: str, questions, max_tokens: int, stream: bool, tokenizer=None, extra: dict | None = None
 ) -> list[dict]:
@@ -86,40 +123,18 @@ def chat_answers(
     `extra={"return_token_ids": True}`), else by `usage.prompt_tokens` (a doubled or dropped BOS shows)."""
     answers = []
     for messages, expected in questions:
-        body = {
-            "model": "model",
-            "messages": messages,
-            "temperature": 0.0,
-            "max_tokens": max_tokens,
-            "seed": 0,
-            **(extra or {}),
-        }
-        if stream:
-            events = http_sse(f"{base_url}/v1/chat/completions", {**body, "stream": True})
-            reply = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
-            finish = next(
-                (
-                    e["choices"][0].get("finish_reason")
-                    for e in reversed(events)
-                    if e.get("choices") and e["choices"][0].get("finish_reason")
-                ),
-                None,
-            )
-        else:
-            out = http_json(f"{base_url}/v1/chat/completions", body)
-            choice = out["choices"][0]
-            reply, finish = choice["message"]["content"] or "", choice["finish_reason"]
+        out = chat_request(base_url, messages, max_tokens, stream, extra)
         answer = {
             "question": messages[-1]["content"],
             "expected": expected,
-            "reply": reply,
-            "correct": expected is not None and expected in reply,
-            "stopped_on_eos": finish in ("stop", "eos_token"),
+            "reply": out["reply"],
+            "correct": expected is not None and expected in out["reply"],
+            "stopped_on_eos": out["finish"] in ("stop", "eos_token"),
         }
         if tokenizer is not None and not stream:
             reference = encode_dialog(messages, tokenizer)
-            fed = out.get("prompt_token_ids")
-            answer["prompt_ids_match"] = out["usage"]["prompt_tokens"] == len(reference) and (
+            fed = out["prompt_token_ids"]
+            answer["prompt_ids_match"] = out["usage"].get("prompt_tokens") == len(reference) and (
                 fed is None or fed == reference
             )
         answers.append(answer)

@@ -8,42 +8,9 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from pipeline.answering import chat_request
 from pipeline.chat import encode_dialog
 from pipeline.engines import LlamaServerEngine
-from pipeline.serving import http_json, http_sse
-
-
-def one_request(base_url: str, messages, max_tokens: int, stream: bool, timeout: float) -> dict:
-    """A greedy chat request: reply, finish reason, prompt/completion token counts, seconds."""
-    body = {"model": "model", "messages": messages, "temperature": 0.0, "max_tokens": max_tokens, "seed": 0}
-    started = time.perf_counter()
-    if stream:
-        body.update(stream=True, stream_options={"include_usage": True})
-        events = http_sse(f"{base_url}/v1/chat/completions", body, timeout=timeout)
-        reply = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
-        finish = next(
-            (
-                e["choices"][0]["finish_reason"]
-                for e in events
-                if e.get("choices") and e["choices"][0].get("finish_reason")
-            ),
-            None,
-        )
-        usage = next((e["usage"] for e in reversed(events) if e.get("usage")), {})
-    else:
-        out = http_json(f"{base_url}/v1/chat/completions", body, timeout=timeout)
-        reply, finish, usage = (
-            out["choices"][0]["message"]["content"] or "",
-            out["choices"][0]["finish_reason"],
-            out["usage"],
-        )
-    return {
-        "reply": reply,
-        "finish": finish,
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "seconds": time.perf_counter() - started,
-    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -57,14 +24,17 @@ def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: i
         return {"status": "not_run", "reason": "no eval question to ask (none, or none fits the context)"}
     engine = LlamaServerEngine(base_url)
     alone = {
-        i: one_request(base_url, q[0], max_tokens, False, timeout)["reply"] for i, q in enumerate(questions)
+        i: chat_request(base_url, q[0], max_tokens, False, timeout=timeout)["reply"]
+        for i, q in enumerate(questions)
     }
     jobs = [(i % len(questions), i % 2 == 1) for i in range(requests)]
 
     def run(job):
         index, stream = job
         messages = questions[index][0]
-        result = one_request(base_url, messages, max_tokens, stream, timeout)
+        # A stream sends `usage` in its last event only when asked (OpenAI's stream_options).
+        extra = {"stream_options": {"include_usage": True}} if stream else None
+        result = chat_request(base_url, messages, max_tokens, stream, extra, timeout)
         result["tokenized"] = engine.chat_ids(messages)  # /apply-template + /tokenize, under the same load
         return index, stream, result
 
@@ -82,13 +52,13 @@ def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: i
         messages, expected = questions[index]
         reference = encode_dialog(messages, tokenizer)
         problems["prompt_ids"] += (
-            result["prompt_tokens"] != len(reference) or result["tokenized"] != reference
+            result["usage"].get("prompt_tokens") != len(reference) or result["tokenized"] != reference
         )
         problems["not_stopped_on_eos"] += result["finish"] != "stop"
         own = result["reply"] == alone[index] or (expected is not None and expected in result["reply"])
         problems["cross_talk"] += not own
     latencies = [r["seconds"] for _, _, r in results]
-    completion = sum(r["completion_tokens"] or 0 for _, _, r in results)
+    completion = sum(r["usage"].get("completion_tokens") or 0 for _, _, r in results)
     failures = [f"{n} request(s) failed" for n in [len(failed)] if n] + [
         f"{count} request(s): {name.replace('_', ' ')}" for name, count in problems.items() if count
     ]
