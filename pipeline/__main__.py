@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pipeline.config import check_settings, register
 from pipeline.errors import PipelineError
 from pipeline.layout import RunDir
+from pipeline.memory import StagePeak
 from pipeline.runlock import hold_run_dir
 from pipeline.stages import STAGES
 from pipeline.summary import print_summary
@@ -63,8 +64,9 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
         return None
     log.info("stage %s: running", name)
     started = time.monotonic()
-    metrics = importlib.import_module(spec.module).run(cfg, run_dir)
-    seconds = round(time.monotonic() - started, 2)
+    with StagePeak() as peak:
+        metrics = importlib.import_module(spec.module).run(cfg, run_dir)
+    seconds, memory = round(time.monotonic() - started, 2), peak.figures()
     if not is_main:
         return None
     manifest = Manifest(run_dir)  # the stage may have been long; re-read before writing
@@ -76,8 +78,9 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
         full_config=OmegaConf.to_container(cfg, resolve=True),
         metrics=metrics,
         seconds=seconds,
+        memory=memory,
     )
-    log.info("stage %s: done in %.1f s", name, seconds)
+    log.info("stage %s: done in %.1f s, peak RSS %.0f MB", name, seconds, memory["peak_total_rss_mb"])
     return seconds
 
 

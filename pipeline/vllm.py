@@ -60,8 +60,16 @@ def setup(prefix: Path) -> dict:
     return record
 
 
-def server_command(python: Path, model_dir: Path, port: int, max_model_len: int) -> list[str]:
-    """`vllm serve` on 127.0.0.1, float32 (exact on every CPU), eager (no compile: starts in ~25 s)."""
+KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE: plenty for a smoke test
+# vLLM's server process beside the weights and the KV cache (Python, torch, its engine core), rounded up.
+SERVER_OVERHEAD_BYTES = 2 << 30
+
+
+def server_command(
+    python: Path, model_dir: Path, port: int, max_model_len: int, dtype: str = "float32"
+) -> list[str]:
+    """`vllm serve` on 127.0.0.1, float32 by default (exact on every CPU), eager (no compile: starts in
+    ~25 s)."""
     return [
         str(python),
         "-m",
@@ -75,7 +83,7 @@ def server_command(python: Path, model_dir: Path, port: int, max_model_len: int)
         "--port",
         str(port),
         "--dtype",
-        "float32",
+        dtype,
         "--max-model-len",
         str(max_model_len),
         "--enforce-eager",
@@ -89,7 +97,7 @@ def server_env(cache_dir: Path) -> dict:
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache: plenty for a smoke test
+        "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
         "VLLM_CACHE_ROOT": str(cache_dir),  # not ~/.cache/vllm
         "VLLM_NO_USAGE_STATS": "1",  # nothing leaves the machine
         "DO_NOT_TRACK": "1",

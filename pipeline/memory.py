@@ -1,0 +1,227 @@
+"""Memory: each stage's peak resident memory, measured while it runs, and a check before a stage
+loads a model that the machine has room for it, so a run that cannot fit says so at once, naming
+what it needs, instead of being OOM-killed hours in.
+
+The estimates count the weights a stage holds at its peak (they dominate at 7B) plus a fixed
+allowance for the Python process and its libraries; `memory_limit=` caps what a run may use below
+what the machine has free (MemAvailable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+from pathlib import Path
+
+from pipeline.diskspace import human
+from pipeline.errors import PipelineError
+
+# torch, transformers, trl and their buffers in a stage process before any weight is loaded
+# (measured: 0.6-0.7 GB RSS for the tiny stages on CPU), rounded up.
+PROCESS_BYTES = 1 << 30
+# Bytes a weight takes in a 4-bit NF4 base: half a byte, plus bitsandbytes' absmax per 64 weights
+# (fp32, or 8-bit with double quantization: 0.5 + 4/64 at most).
+NF4_BYTES = 0.5 + 4 / 64
+# A LoRA weight in training: float32 weight, gradient, and AdamW's two moments.
+LORA_TRAIN_BYTES = 16
+
+
+class NoMemory(PipelineError, MemoryError):
+    """A stage would need more memory than this machine (or `memory_limit`) has for it."""
+
+
+def parse_size(size, key: str) -> int:
+    """`2GB`, `500MB`, `16GiB`, ... in bytes; a bad value is a one-line error naming the key."""
+    import re
+
+    from pipeline.errors import ConfigError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not match:
+        raise ConfigError(f"{key}={size!r}: expected a size like 500MB or 16GB")
+    units = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20}
+    units.update({"GIB": 2**30, "TIB": 2**40})
+    return int(float(match[1]) * units[match[2]])
+
+
+def available_bytes(cfg) -> tuple[int, str]:
+    """(bytes a stage may use, where that figure comes from)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    limit = cfg.get("memory_limit")
+    if limit is not None and parse_size(limit, "memory_limit") < free:
+        return parse_size(limit, "memory_limit"), f"memory_limit={limit}"
+    return free, "available on this machine"
+
+
+def require_memory(cfg, stage: str, needs: dict[str, int]) -> dict:
+    """Raise NoMemory unless the largest of `needs` ({what: bytes}, the stage's phases, which never
+    overlap) plus the process allowance fits; returns the estimate for the stage's record."""
+    what, peak = max(needs.items(), key=lambda item: item[1])
+    need = peak + PROCESS_BYTES
+    have, source = available_bytes(cfg)
+    if need > have:
+        raise NoMemory(
+            f"stage {stage} needs about {human(need)} of memory ({what}), {human(have)} {source}: "
+            "free memory, or run it on a larger machine"
+        )
+    return {"estimated_peak_bytes": need, "largest_phase": what, "memory_bytes": have, "memory_from": source}
+
+
+# -- what the weights of a checkpoint take, from its safetensors headers (nothing is loaded)
+
+
+def tensor_shapes(files) -> dict[str, list[int]]:
+    shapes = {}
+    for path in files:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        shapes.update({k: t["shape"] for k, t in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def is_quantized_linear(name: str, shape: list[int]) -> bool:
+    """What bitsandbytes quantizes in a Llama: every 2-D weight but the embeddings and the head."""
+    return len(shape) == 2 and not any(part in name for part in ("embed_tokens", "lm_head"))
+
+
+def weights_bytes(shapes: dict, dtype_bytes: float) -> int:
+    return int(sum(math.prod(s) for s in shapes.values()) * dtype_bytes)
+
+
+def nf4_model_bytes(shapes: dict, compute_bytes: int) -> int:
+    """The 4-bit base in memory: quantized linears in NF4, the rest in the compute dtype."""
+    quantized = sum(math.prod(s) for n, s in shapes.items() if is_quantized_linear(n, s))
+    rest = sum(math.prod(s) for n, s in shapes.items() if not is_quantized_linear(n, s))
+    return int(quantized * NF4_BYTES + rest * compute_bytes)
+
+
+def lora_elements(shapes: dict, r: int) -> int:
+    """LoRA A and B of rank r on every quantized linear (target_modules=all-linear)."""
+    return sum(r * (s[0] + s[1]) for n, s in shapes.items() if is_quantized_linear(n, s))
+
+
+# -- the peak of a running stage
+
+
+class StagePeak:
+    """Peak resident memory of a stage: this process's exactly (the kernel's high-water mark,
+    reset at the start), and its child processes' (llama.cpp's tools and servers) sampled."""
+
+    INTERVAL = 0.2  # seconds between samples of the children
+
+    def __init__(self):
+        self.children_peak = 0
+        self.total_peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> StagePeak:
+        import psutil
+
+        self._process = psutil.Process()
+        self._self_reset = reset_high_water_mark()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.INTERVAL):
+            children = 0
+            for child in self._process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    children += child.memory_info().rss
+            self.children_peak = max(self.children_peak, children)
+            self.total_peak = max(self.total_peak, children + self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict:
+        own = high_water_mark()
+        return {
+            # Exact when the kernel let the mark be reset; else the process's peak since it started.
+            "peak_rss_mb": round(own / 1e6, 1),
+            "peak_rss_exact": self._self_reset,
+            "peak_children_rss_mb": round(self.children_peak / 1e6, 1),
+            "peak_total_rss_mb": round(max(self.total_peak, own) / 1e6, 1),
+        }
+
+
+def reset_high_water_mark() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (proc(5))."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water_mark() -> int:
+    """VmHWM of this process in bytes (ru_maxrss where /proc is missing)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- what each stage holds at its peak
+
+
+def checkpoint_shapes(directory) -> dict[str, list[int]]:
+    """Tensor shapes of a local safetensors checkpoint; {} for a hub id not on disk."""
+    directory = Path(directory)
+    return tensor_shapes(sorted(directory.glob("*.safetensors"))) if directory.is_dir() else {}
+
+
+def dtype_bytes(name: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[str(name)]
+
+
+def adapted_4bit_bytes(shapes: dict, cfg) -> int:
+    """The 4-bit base with the adapter on top, for evaluation (no optimizer state)."""
+    compute = dtype_bytes(cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32")
+    return nf4_model_bytes(shapes, compute) + lora_elements(shapes, cfg.train.lora.r) * 4
+
+
+def train_needs(shapes: dict, cfg) -> dict[str, int]:
+    """QLoRA training: the 4-bit base, the adapter with its gradients and AdamW state, and the
+    activations kept for the backward pass (every layer's, or one per layer with checkpointing)."""
+    sft = cfg.train.sft
+    compute = dtype_bytes(cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32")
+    hidden = max((s[1] for n, s in shapes.items() if n.endswith("q_proj.weight")), default=0)
+    inter = max((s[0] for n, s in shapes.items() if n.endswith("up_proj.weight")), default=0)
+    layers = sum(1 for n in shapes if n.endswith("q_proj.weight"))
+    vocab = shapes.get("lm_head.weight", [0])[0]
+    tokens = sft.get("per_device_train_batch_size", 1) * cfg.train.max_length
+    # Per token and layer: ~20 hidden-sized and ~5 intermediate-sized tensors are saved (attention
+    # and MLP inputs, norms, LoRA inputs); with checkpointing only the layer input is.
+    per_layer = (hidden if sft.get("gradient_checkpointing") else 20 * hidden + 5 * inter) * compute
+    activations = tokens * (layers * per_layer + 4 * vocab * 4)  # the float32 logits, softmax, grads
+    model = nf4_model_bytes(shapes, compute) + lora_elements(shapes, cfg.train.lora.r) * LORA_TRAIN_BYTES
+    return {"the 4-bit base, the adapter's training state and the activations": model + activations}
+
+
+def merge_needs(shapes: dict, cfg, max_shard_bytes: int) -> dict[str, int]:
+    lora = lora_elements(shapes, cfg.train.lora.r) * 4
+    largest = max((math.prod(s) for s in shapes.values()), default=0) * 4
+    return {
+        "the 4-bit base + adapter for the reference logits": adapted_4bit_bytes(shapes, cfg),
+        "an output shard, the tensor being folded and the adapter": max_shard_bytes + 2 * largest + lora,
+        f"the merged model in {cfg.merge.dtype} for the self-check": weights_bytes(
+            shapes, dtype_bytes(cfg.merge.dtype)
+        ),
+    }
+
+
+def fits(cfg, need: int) -> bool:
+    return need + PROCESS_BYTES <= available_bytes(cfg)[0]
