@@ -270,3 +270,7 @@ def check_settings(cfg) -> None:
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(problem)
+    if cfg.get("memory_limit") is not None:
+        from pipeline.memory import parse_size
+
+        parse_size(cfg.memory_limit, "memory_limit")  # raises ConfigError naming the key

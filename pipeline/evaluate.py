@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.chat import encode_dialog
+from pipeline.models import input_device
 
 
 def eval_prompts(rows: list[dict], limit: int | None = None) -> list[tuple[list[dict], str]]:
@@ -30,9 +31,11 @@ def answer_accuracy(
         width = max(len(ids) for ids in encoded)
         pad = tokenizer.pad_token_id
         # On the model's device: a model wholly on one GPU gets no automatic input placement.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
+        input_ids = torch.tensor(
+            [[pad] * (width - len(ids)) + ids for ids in encoded], device=input_device(model)
+        )
         attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=input_device(model)
         )
         out = model.generate(
             input_ids=input_ids,

@@ -43,12 +43,14 @@ def hf_logits(model, sequences: list[EvalSequence]) -> list[np.ndarray]:
     """float32 logits [targets, vocab] of a transformers (or peft) model."""
     import torch
 
+    from pipeline.models import input_device
+
     model.eval()
     out = []
     with torch.no_grad():
         for seq in sequences:
             # On the model's device (a model wholly on one GPU gets no automatic input placement).
-            logits = model(input_ids=torch.tensor([seq.input_ids], device=model.device)).logits[0]
+            logits = model(input_ids=torch.tensor([seq.input_ids], device=input_device(model))).logits[0]
             out.append(logits[seq.targets].float().cpu().numpy())
     return out
 

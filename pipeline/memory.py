@@ -109,13 +109,19 @@ def lora_elements(shapes: dict, r: int) -> int:
 
 class StagePeak:
     """Peak resident memory of a stage: this process's exactly (the kernel's high-water mark,
-    reset at the start), and its child processes' (llama.cpp's tools and servers) sampled."""
+    reset at the start), and its child processes' (llama.cpp's tools and servers) sampled.
 
-    INTERVAL = 0.2  # seconds between samples of the children
+    Resident memory counts the pages of files a process maps (transformers maps every checkpoint
+    shard while it loads; llama.cpp maps the whole GGUF): the kernel drops those under pressure and
+    reads them again. Anonymous memory (RssAnon: tensors, buffers) cannot be dropped without swap:
+    it is what must fit, and is sampled too."""
+
+    INTERVAL = 0.2  # seconds between samples
 
     def __init__(self):
         self.children_peak = 0
         self.total_peak = 0
+        self.anon_peak = 0
         self._stop = threading.Event()
 
     def __enter__(self) -> StagePeak:
@@ -131,12 +137,14 @@ class StagePeak:
         import psutil
 
         while not self._stop.wait(self.INTERVAL):
-            children = 0
+            children, anon = 0, anonymous_bytes(self._process.pid)
             for child in self._process.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     children += child.memory_info().rss
+                anon += anonymous_bytes(child.pid)
             self.children_peak = max(self.children_peak, children)
             self.total_peak = max(self.total_peak, children + self._process.memory_info().rss)
+            self.anon_peak = max(self.anon_peak, anon)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -150,7 +158,19 @@ class StagePeak:
             "peak_rss_exact": self._self_reset,
             "peak_children_rss_mb": round(self.children_peak / 1e6, 1),
             "peak_total_rss_mb": round(max(self.total_peak, own) / 1e6, 1),
+            "peak_anon_mb": round(self.anon_peak / 1e6, 1),  # sampled, this process and its children
         }
+
+
+def anonymous_bytes(pid: int) -> int:
+    """RssAnon of a process (0 once it has gone, or where /proc is missing)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def reset_high_water_mark() -> bool:
@@ -211,15 +231,16 @@ def train_needs(shapes: dict, cfg) -> dict[str, int]:
     return {"the 4-bit base, the adapter's training state and the activations": model + activations}
 
 
-def merge_needs(shapes: dict, cfg, max_shard_bytes: int) -> dict[str, int]:
+def merge_needs(shapes: dict, cfg, max_shard_bytes: int, resident_bytes: int) -> dict[str, int]:
+    """The merge's phases: the 4-bit reference, the fold (one output shard filling), and the
+    self-check of the merged model with at most `resident_bytes` of it in memory (the rest on disk)."""
     lora = lora_elements(shapes, cfg.train.lora.r) * 4
     largest = max((math.prod(s) for s in shapes.values()), default=0) * 4
+    merged = weights_bytes(shapes, dtype_bytes(cfg.merge.dtype))
     return {
         "the 4-bit base + adapter for the reference logits": adapted_4bit_bytes(shapes, cfg),
         "an output shard, the tensor being folded and the adapter": max_shard_bytes + 2 * largest + lora,
-        f"the merged model in {cfg.merge.dtype} for the self-check": weights_bytes(
-            shapes, dtype_bytes(cfg.merge.dtype)
-        ),
+        f"the merged model in {cfg.merge.dtype} for the self-check": min(merged, resident_bytes),
     }
 
 

@@ -199,7 +199,10 @@ def run(cfg, run_dir: Path) -> dict:
     base = local_base(adapter_config["base_model_name_or_path"], layout)
     base_dir, base_files = base_weight_files(base, cfg.model.revision)
     check_adapter_fits(deltas, base_files)
-    needs = merge_needs(tensor_shapes(base_files), cfg, parse_size(cfg.merge.max_shard_size))
+    # The merged model is checked with what exceeds twice the largest base shard left on disk: the
+    # stage never holds more than that, plus the 4-bit reference and the adapter, at any size.
+    resident = 2 * max(path.stat().st_size for path in base_files)
+    needs = merge_needs(tensor_shapes(base_files), cfg, parse_size(cfg.merge.max_shard_size), resident)
     memory = require_memory(cfg, "merge", needs)
     merged_bytes = safetensors_elements(base_files) * DTYPE_BYTES[cfg.merge.dtype]
     require_free(layout.merged.parent, merged_bytes, f"the merged model in {cfg.merge.dtype}")
@@ -232,14 +235,17 @@ def run(cfg, run_dir: Path) -> dict:
         with atomic_dir(layout.merge_compare) as tmp:
             merge_to(tmp, other)
             other_logits = hf_logits(
-                load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences
+                load_full_precision(tmp, dtype, trust_remote_code=remote_code, max_memory=resident), sequences
             )
             figures[f"merged_{other}"] = compare(other_logits, trained_logits)
         shutil.rmtree(layout.merge_compare)
 
     with atomic_dir(layout.merged) as tmp:
         stats = merge_to(tmp, mode)
-        merged_logits = hf_logits(load_full_precision(tmp, dtype, trust_remote_code=remote_code), sequences)
+        merged = load_full_precision(tmp, dtype, trust_remote_code=remote_code, max_memory=resident)
+        merged_logits = hf_logits(merged, sequences)
+        del merged
+        gc.collect()
         figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
         figures["merged"] = {
             "perplexity": perplexity(merged_logits, sequences),

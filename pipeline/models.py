@@ -38,12 +38,32 @@ def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):
     return PeftModel.from_pretrained(load_quantized_base(base, cfg), str(adapter_dir))
 
 
-def load_full_precision(path, dtype, adapter_dir: Path | None = None, trust_remote_code: bool = False):
-    """A checkpoint on the CPU in `dtype`, with an (unmerged) adapter on top when given."""
+def load_full_precision(
+    path,
+    dtype,
+    adapter_dir: Path | None = None,
+    trust_remote_code: bool = False,
+    max_memory: int | None = None,
+):
+    """A checkpoint on the CPU in `dtype`, with an (unmerged) adapter on top when given. With
+    `max_memory` (bytes) and `dtype` the checkpoint's own, what does not fit stays on disk: accelerate
+    reads those layers from the safetensors files as each forward pass reaches them (no copy is
+    written), so a 7B model is measured in a few GB, exactly as if it were loaded whole."""
+    import tempfile
+
     from transformers import AutoModelForCausalLM
 
+    if max_memory is None:
+        placement = {"device_map": "cpu"}
+    else:
+        placement = {
+            "device_map": "auto",
+            "max_memory": {"cpu": max_memory},
+            # Unused for safetensors in their own dtype; accelerate asks for it anyway.
+            "offload_folder": tempfile.mkdtemp(prefix="offload-"),
+        }
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, device_map="cpu", trust_remote_code=trust_remote_code
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, **placement
     )
     if adapter_dir is not None:
         from peft import PeftModel
@@ -65,3 +85,9 @@ def local_base(base: str, layout: RunDir) -> str:
         f"{layout.adapter / 'adapter_config.json'}: base_model_name_or_path {base} is a local directory that "
         "does not exist (moved or deleted?): restore it, or retrain"
     )
+
+
+def input_device(model):
+    """Where a model's inputs go: its device, or the CPU for one partly offloaded to disk (whose
+    device reads as `meta`)."""
+    return "cpu" if model.device.type == "meta" else model.device

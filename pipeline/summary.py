@@ -191,13 +191,17 @@ def print_summary(run_dir: Path, times: dict[str, float | None]) -> None:
     stages = data.get("stages", {})
     results = stage_results(stages)
     print(f"\nRun summary ({run_dir})")
-    print(f"{'stage':<10} {'time':>9} {'peak RSS':>10}  result")
+    print(f"{'stage':<10} {'time':>9} {'peak RSS':>9} {'anon':>8}  result")
     for name, seconds in times.items():
         spent = "skipped" if seconds is None else f"{seconds:.1f} s"
-        # Pipeline process and its children (llama.cpp's tools and servers) together.
-        peak = (stages.get(name, {}).get("memory") or {}).get("peak_total_rss_mb")
-        rss = f"{peak / 1e3:.2f} GB" if seconds is not None and peak else ""
-        print(f"{name:<10} {spent:>9} {rss:>10}  {results.get(name, '')}")
+        # Pipeline process and its children (llama.cpp's tools and servers) together; RSS includes
+        # the mapped checkpoint and GGUF pages, anon what cannot be dropped (pipeline.memory).
+        memory = (stages.get(name, {}).get("memory") or {}) if seconds is not None else {}
+        rss, anon = (
+            f"{memory[k] / 1e3:.2f} GB" if memory.get(k) else ""
+            for k in ("peak_total_rss_mb", "peak_anon_mb")
+        )
+        print(f"{name:<10} {spent:>9} {rss:>9} {anon:>8}  {results.get(name, '')}")
     print(f"{'total':<10} {sum(s or 0 for s in times.values()):>7.1f} s")
     sizes = artifact_sizes(data.get("artifacts", {}))
     if sizes:

@@ -1,0 +1,167 @@
+"""Every stage at Llama-2-7B's full size on this CPU machine: `python -m pipeline stage=all
+experiment=llama2_7b_shape`, with each stage's time and peak memory, the GGUF sizes and llama-server's
+tokens/s, against the 90-minute and 16 GB targets.
+
+    python bench/full_scale.py [--run-dir DIR] [--layers 32] [--memory-limit 16GB]
+    python bench/full_scale.py --report DIR [--samples FILE]  # the table of a finished run
+
+The run is a random-init model of Llama-2-7B's exact shape (conf/model/llama2_7b_shape.yaml) with
+the real tokenizer and guanaco rows of ../shared; the preset (conf/experiment/llama2_7b_shape.yaml)
+says what is cut to fit the time. It needs about 60 GB of free disk (base, merged, F16, Q8_0 and
+Q4_K_M, and the ladder's scratch quant) and 24 GB of memory.
+
+Besides the manifest's figures (the pipeline's own: VmHWM of the stage process, exact; its children
+sampled), this script samples the whole process tree every 0.5 s from outside, split into anonymous
+memory (what must fit) and mapped file pages (checkpoint shards, GGUFs: the kernel drops and rereads
+them under pressure), and prints both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_SECONDS = 90 * 60
+TARGET_BYTES = 16e9
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) summed over a process and its descendants, in bytes."""
+    import psutil
+
+    anon = mapped = 0
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    for process in processes:
+        try:
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    anon += int(line.split()[1]) * 1024
+                elif line.startswith("RssFile:"):
+                    mapped += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return anon, mapped
+
+
+def sample(pid: int, samples: list, stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        samples.append((time.time(), *tree_memory(pid)))
+
+
+def stage_windows(manifest: dict) -> dict[str, tuple[float, float]]:
+    """(start, end) epoch seconds of each stage, from its finish time and duration."""
+    windows = {}
+    for name, record in manifest["stages"].items():
+        end = time.mktime(time.strptime(record["finished_at"][:19], "%Y-%m-%dT%H:%M:%S"))
+        windows[name] = (end - (record.get("seconds") or 0) - 1, end + 1)
+    return windows
+
+
+def report(run_dir: Path, samples: list | None = None) -> dict:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    windows = stage_windows(manifest)
+    rows = {}
+    for name, record in manifest["stages"].items():
+        memory = record.get("memory") or {}
+        inside = [s for s in samples or [] if windows[name][0] <= s[0] <= windows[name][1]]
+        rows[name] = {
+            "seconds": record.get("seconds"),
+            "peak_rss_gb": (memory.get("peak_total_rss_mb") or 0) / 1e3,
+            "peak_anon_gb": max((s[1] for s in inside), default=0) / 1e9
+            or (memory.get("peak_anon_mb") or 0) / 1e3,
+            "peak_anon_plus_mapped_gb": max((s[1] + s[2] for s in inside), default=0) / 1e9,
+        }
+    smoke = (
+        json.loads((run_dir / "smoke" / "report.json").read_text()) if (run_dir / "smoke").is_dir() else {}
+    )
+    load = (smoke.get("llama_server") or {}).get("load") or {}
+    sizes = {p.name: p.stat().st_size for p in sorted((run_dir / "gguf").glob("*.gguf"))}
+    total = sum(r["seconds"] or 0 for r in rows.values())
+    return {
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "versions": manifest.get("versions"),
+        "stages": rows,
+        "total_seconds": total,
+        "gguf_bytes": sizes,
+        "llama_server_q4_k_m": {
+            k: load.get(k) for k in ("completion_tokens_per_s", "latency_p50_s", "latency_p95_s")
+        },
+        "vllm": (smoke.get("vllm") or {}).get("status"),
+        "vllm_reason": (smoke.get("vllm") or {}).get("reason"),
+    }
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
+    )
+
+
+def print_report(figures: dict) -> None:
+    print(f"\n{figures['machine']['cpu']}, {figures['machine']['cores']} cores")
+    print(f"{'stage':<10} {'time':>9} {'peak RSS':>9} {'anon':>8}")
+    for name, row in figures["stages"].items():
+        over = " > 16 GB" if max(row["peak_rss_gb"], row["peak_anon_gb"]) * 1e9 > TARGET_BYTES else ""
+        rss, anon = row["peak_rss_gb"], row["peak_anon_gb"]
+        print(f"{name:<10} {row['seconds'] or 0:>7.1f} s {rss:>6.2f} GB {anon:>5.2f} GB{over}")
+    minutes = figures["total_seconds"] / 60
+    print(f"{'total':<10} {minutes:>6.1f} min (target {TARGET_SECONDS / 60:.0f} min)")
+    for name, size in figures["gguf_bytes"].items():
+        print(f"{name:<48} {size / 1e9:>6.2f} GB")
+    print(f"llama-server Q4_K_M under load: {figures['llama_server_q4_k_m']}")
+    print(f"vLLM: {figures['vllm']} {figures['vllm_reason'] or ''}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "full-scale")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--memory-limit", default="16GB")
+    parser.add_argument("--report", type=Path, help="print the table of this finished run and exit")
+    parser.add_argument(
+        "--samples", type=Path, help="with --report: 'epoch anon mapped' lines sampled meanwhile"
+    )
+    args = parser.parse_args()
+    if args.report:
+        lines = args.samples.read_text().splitlines() if args.samples else []
+        samples = [tuple(float(x) for x in line.split()[:3]) for line in lines]
+        print_report(report(args.report, samples))
+        return 0
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "stage=all",
+        "experiment=llama2_7b_shape",
+        f"model.tiny.num_hidden_layers={args.layers}",
+        f"memory_limit={args.memory_limit}",
+        f"run_dir={args.run_dir}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=sample, args=(process.pid, samples, stop), daemon=True)
+    sampler.start()
+    code = process.wait()
+    stop.set()
+    sampler.join()
+    figures = report(args.run_dir, samples)
+    (args.run_dir / "full_scale.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print_report(figures)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Llama-2-7B's full width through every stage: `experiment=llama2_7b_shape` cut to 2 of its 32
+layers (hidden 4096, intermediate 11008, 32 heads, vocab 32000, r=64 LoRA on every linear layer,
+NF4 with double quantization), with the real tokenizer and guanaco rows from ../shared. The 32-layer
+run is `bench/full_scale.py` (README: "Full scale"); this is the same path at a depth CI can afford."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import GUANACO_QUESTIONS, LLAMA2_TOKENIZER, need, run_pipeline
+
+STAGES = ("data", "train", "merge", "convert", "quantize", "ladder", "smoke")
+SHARD = 300_000_000  # small shards, so the base is written in several and the merge check offloads
+
+
+@pytest.fixture(scope="module")
+def full_width_run(tmp_path_factory):
+    need(LLAMA2_TOKENIZER), need(GUANACO_QUESTIONS)
+    run_dir = tmp_path_factory.mktemp("full-width")
+    result = run_pipeline(
+        "stage=all",
+        "experiment=llama2_7b_shape",
+        "model.tiny.num_hidden_layers=2",
+        "model.tiny.max_shard_size=300MB",
+        "merge.max_shard_size=300MB",
+        f"run_dir={run_dir}",
+        timeout=1800,
+    )
+    return run_dir, result.stdout
+
+
+def test_the_base_has_llama2_7b_width_written_in_shards(full_width_run):
+    run_dir, _ = full_width_run
+    config = json.loads((run_dir / "base" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"]) == (4096, 11008)
+    assert (config["num_attention_heads"], config["vocab_size"], config["num_hidden_layers"]) == (
+        32,
+        32000,
+        2,
+    )
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    shards = sorted((run_dir / "base").glob("*.safetensors"))
+    assert len(shards) >= 4 and all(s.stat().st_size <= SHARD for s in shards)
+    index = json.loads((run_dir / "base" / "model.safetensors.index.json").read_text())
+    assert len(index["weight_map"]) == 2 * 9 + 3  # every layer's 7 linears and 2 norms, embed, norm, head
+
+
+def test_the_adapter_is_the_recipe_lora(full_width_run):
+    run_dir, _ = full_width_run
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 64 and adapter["lora_alpha"] == 16
+    modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == modules
+    train = json.loads((run_dir / "metrics" / "train.json").read_text())
+    assert train["steps"] == 4 and train["adapter_dtypes"] == ["float32"]
+
+
+def test_every_stage_records_its_peak_memory_within_its_estimate(full_width_run):
+    run_dir, stdout = full_width_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for stage in STAGES:
+        memory = manifest["stages"][stage]["memory"]
+        assert memory["peak_rss_exact"] and memory["peak_total_rss_mb"] > 0, stage
+    for stage in ("convert", "quantize", "ladder", "smoke"):  # llama.cpp's tools and servers are counted
+        assert manifest["stages"][stage]["memory"]["peak_children_rss_mb"] > 100, stage
+    for stage in ("train", "merge", "ladder"):
+        estimate = manifest["stages"][stage]["metrics"]["memory_estimate"]["estimated_peak_bytes"]
+        peak = manifest["stages"][stage]["memory"]["peak_total_rss_mb"] * 1e6
+        # The estimate refuses runs that cannot fit: it must not be far below what the stage used.
+        assert peak <= 1.5 * estimate, (stage, peak, estimate)
+    assert "peak RSS" in stdout
+
+
+def test_the_merge_check_reads_what_does_not_fit_from_disk(full_width_run):
+    run_dir, _ = full_width_run
+    merge = json.loads((run_dir / "metrics" / "merge.json").read_text())
+    assert merge["shards"] >= 4 and merge["self_check"]["top1_agreement"] > 0.9
+    ladder = json.loads((run_dir / "metrics" / "ladder.json").read_text())
+    assert ladder["rungs"]["merged"]["compute_dtype"] in ("float32", "bfloat16")
+    assert ladder["rungs"]["GGUF Q8_0"]["kl_mean"] < ladder["rungs"]["GGUF Q4_K_M"]["kl_mean"]
+
+
+def test_the_served_model_sees_metas_ids_at_full_width(full_width_run):
+    run_dir, _ = full_width_run
+    report = json.loads((run_dir / "smoke" / "report.json").read_text())
+    server = report["llama_server"]
+    assert server["parity"]["status"] == "pass" and server["load"]["prompt_ids"] == 0
+    assert server["load"]["completed"] == server["load"]["requests"] == 8
+    vllm = report["vllm"]
+    assert vllm["status"] in ("pass", "not_run"), vllm
+    if vllm["status"] == "not_run":
+        assert "memory" in vllm["reason"] or "no vLLM" in vllm["reason"]
+    sizes = {p: (run_dir / "gguf" / p).stat().st_size for p in ("llama2_7b_shape-guanaco-Q4_K_M.gguf",)}
+    elements = 2 * (32000 * 4096) + 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert sizes["llama2_7b_shape-guanaco-Q4_K_M.gguf"] < elements * 5.5 / 8  # about 4.9 bits a weight
+    assert math.isfinite(report["llama_server"]["load"]["latency_p95_s"])
+
+
+def test_the_full_scale_bench_reports_a_finished_run(full_width_run):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_dir, _ = full_width_run
+    out = subprocess.run(
+        [sys.executable, "bench/full_scale.py", "--report", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for stage in STAGES:
+        assert f"\n{stage:<10} " in out, stage
+    assert "llama2_7b_shape-guanaco-Q4_K_M.gguf" in out and "target 90 min" in out

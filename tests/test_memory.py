@@ -1,0 +1,51 @@
+"""Memory: a stage's measured peak, and the refusal before a stage that cannot fit loads anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import run_pipeline
+
+from pipeline.memory import NoMemory, StagePeak, parse_size, require_memory
+
+
+def test_stage_peak_sees_this_process_and_its_children():
+    with StagePeak() as peak:
+        block = bytearray(300_000_000)  # touched: resident
+        block[::4096] = b"x" * len(block[::4096])
+        del block
+        child = "b = bytearray(400_000_000); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(1.0)"
+        subprocess.run([sys.executable, "-c", child], check=True)
+    figures = peak.figures()
+    assert figures["peak_rss_exact"] and figures["peak_rss_mb"] >= 300
+    assert figures["peak_children_rss_mb"] >= 400
+
+
+def test_require_memory_names_the_largest_phase_and_both_figures():
+    cfg = {"memory_limit": "2GB"}
+    record = require_memory(cfg, "merge", {"a": 100_000_000, "b": 200_000_000})
+    assert record["largest_phase"] == "b" and record["memory_from"] == "memory_limit=2GB"
+    try:
+        require_memory(cfg, "merge", {"the merged model": 3_000_000_000})
+    except NoMemory as err:
+        assert str(err).startswith("stage merge needs about 4.1 GB of memory (the merged model), 2.0 GB")
+    else:
+        raise AssertionError("4 GB was allowed under memory_limit=2GB")
+    assert parse_size("16GiB", "memory_limit") == 16 * 2**30
+
+
+def test_a_stage_that_cannot_fit_refuses_before_it_loads(tmp_path):
+    run_pipeline("stage=data", "experiment=tiny", f"run_dir={tmp_path}")
+    result = run_pipeline(
+        "stage=train", "experiment=tiny", "memory_limit=200MB", f"run_dir={tmp_path}", check=False
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: stage train needs about ") and "memory_limit=200MB" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "adapter").exists()
+    bad = run_pipeline(
+        "stage=data", "experiment=tiny", "memory_limit=lots", f"run_dir={tmp_path}", check=False
+    )
+    assert bad.returncode == 1 and "memory_limit='lots': expected a size like" in bad.stderr
