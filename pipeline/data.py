@@ -145,11 +145,25 @@ def detect_format(row: dict) -> str:
     )
 
 
+def check_utf8(messages: list[dict[str, str]]) -> None:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no UTF-8 file can hold: refuse the row
+    here, by its location, rather than fail writing train.jsonl. Every other code point is kept as is."""
+    for i, message in enumerate(messages):
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"message {i}: a lone surrogate U+{ord(err.object[err.start]):04X} at character {err.start}: "
+                "not a character, cannot be written as UTF-8"
+            ) from None
+
+
 def row_to_messages(row: dict, fmt: str, system_prompt: str | None) -> list[dict[str, str]]:
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     try:
         messages = PARSERS[fmt](row)
+        check_utf8(messages)
         check_dialog(messages)  # alternation, and no turn-boundary text inside a message
     except ValueError as err:  # DialogError too
         raise ValueError(f"{fmt} row: {err}") from err

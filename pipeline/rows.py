@@ -5,11 +5,54 @@ stage reads the run's own `data/*.jsonl` through here."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.io import atomic_file
+
+JSON_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')  # strings (skipped whole) and brackets
+DEEP = 500  # nesting depth reported as "too deep": Python's decoder gives up near its recursion limit
+
+
+def deep_line(text: str) -> int:
+    """The line where `text` first nests DEEP levels; the decoder's RecursionError does not say."""
+    depth = 0
+    for token in JSON_TOKEN.finditer(text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(token.group(), 0)
+        if depth >= DEEP:
+            return text.count("\n", 0, token.start()) + 1
+    return 1
+
+
+def parse_json(text: str):
+    """json.loads, with nesting past the interpreter's recursion limit as a JSONDecodeError: Python's
+    decoder recurses once per `[` or `{`, so `[[[[...` 100,000 deep raises RecursionError otherwise."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        message = f"nested too deeply (arrays or objects over {DEEP} levels inside each other)"
+        raise json.JSONDecodeError(message, text, 0) from None
+
+
+def read_json_array(path: Path) -> list:
+    """The rows of a .json file, read once: the bytes are dropped once decoded, the text once parsed."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from err
+    del data
+    try:
+        rows = parse_json(text)
+    except json.JSONDecodeError as err:
+        line = deep_line(text) if err.msg.startswith("nested too deeply") else err.lineno
+        raise DataError(f"{path}:{line}: malformed JSON: {err.msg}") from err
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of rows")
+    return rows
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -23,21 +66,13 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 if not raw.strip():
                     continue
                 try:
-                    row = json.loads(raw.decode("utf-8"))
+                    row = parse_json(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     yield f"{path}:{number}", err  # reported (or skipped) like any bad row
                     continue
                 yield f"{path}:{number}", row
     elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from err
-        except UnicodeDecodeError as err:
-            line = path.read_bytes()[: err.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from err
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON array of rows")
+        rows = read_json_array(path)
         for index, row in enumerate(rows):
             yield f"{path} row {index}", row
     elif suffix == ".parquet":
