@@ -47,11 +47,18 @@ def run_showing_progress(command: list[str]) -> tuple[int, str]:
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
     )
     show, tail = stderr_is_terminal(), b""
-    while chunk := process.stderr.read1(4096):
-        if show:
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-        tail = (tail + chunk)[-6000:]
+    try:
+        while chunk := process.stderr.read1(4096):
+            if show:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            tail = (tail + chunk)[-6000:]
+    except BaseException:
+        # SIGTERM or Ctrl-C unwinding the stage: the tool must not go on writing its temporary
+        # after atomic_file has removed it (subprocess.run kills its child the same way).
+        process.kill()
+        process.wait()
+        raise
     return process.wait(), tail.decode(errors="replace")
 
 

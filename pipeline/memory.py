@@ -127,8 +127,10 @@ class StagePeak:
     def __enter__(self) -> StagePeak:
         import psutil
 
+        global _earlier_peak
         self._process = psutil.Process()
         self._self_reset = reset_high_water_mark()
+        _earlier_peak = 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -151,7 +153,7 @@ class StagePeak:
         self._thread.join()
 
     def figures(self) -> dict:
-        own = high_water_mark()
+        own = max(high_water_mark(), _earlier_peak)
         return {
             # Exact when the kernel let the mark be reset; else the process's peak since it started.
             "peak_rss_mb": round(own / 1e6, 1),
@@ -173,13 +175,26 @@ def anonymous_bytes(pid: int) -> int:
     return 0
 
 
+_earlier_peak = 0  # the highest VmHWM of this stage before a phase reset it (phase_peak_mb)
+
+
 def reset_high_water_mark() -> bool:
     """Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (proc(5))."""
+    global _earlier_peak
+    _earlier_peak = max(_earlier_peak, high_water_mark())
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def phase_peak_mb() -> float:
+    """This process's peak RSS since the previous call (or the stage's start), in MB; the stage's
+    own peak keeps counting it."""
+    peak = high_water_mark()
+    reset_high_water_mark()
+    return round(peak / 1e6, 1)
 
 
 def high_water_mark() -> int:
