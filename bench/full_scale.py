@@ -10,6 +10,12 @@ the real tokenizer and guanaco rows of ../shared; the preset (conf/experiment/ll
 says what is cut to fit the time. It needs about 60 GB of free disk (base, merged, F16, Q8_0 and
 Q4_K_M, and the ladder's scratch quant) and 24 GB of memory.
 
+The run goes into a memory cgroup of its own whose limit is --memory-limit (cgroup v1 or v2, where
+this user may make one; --no-cap runs it without): the kernel then holds the whole process tree to
+that limit, as a machine of that size would, reclaiming mapped checkpoint and GGUF pages instead of
+letting RSS grow past it, and OOM-killing if anonymous memory does not fit. The cgroup's own peak
+(page cache included) and its OOM-kill count are reported beside the stages' figures.
+
 Besides the manifest's figures (the pipeline's own: VmHWM of the stage process, exact; its children
 sampled), this script samples the whole process tree every 0.5 s from outside, split into anonymous
 memory (what must fit) and mapped file pages (checkpoint shards, GGUFs: the kernel drops and rereads
@@ -54,6 +60,60 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return anon, mapped
 
 
+def own_memory_cgroup() -> tuple[Path, str] | None:
+    """(directory, version) of this process's memory cgroup, where its files can be written."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            directory, version = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "v1"
+        elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+            directory, version = Path("/sys/fs/cgroup") / path.lstrip("/"), "v2"
+        else:
+            continue
+        if os.access(directory, os.W_OK):
+            return directory, version
+    return None
+
+
+def make_memory_cgroup(limit_bytes: int) -> tuple[Path | None, str]:
+    """A new memory cgroup under this process's, limited to `limit_bytes`: (its directory, its
+    version), or (None, why not)."""
+    own = own_memory_cgroup()
+    if own is None:
+        return None, "no writable memory cgroup (v1 memory controller or v2) for this user"
+    parent, version = own
+    cgroup = parent / f"full-scale-{os.getpid()}"
+    try:
+        cgroup.mkdir()
+        limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+        (cgroup / limit_file).write_text(str(limit_bytes))
+    except OSError as err:
+        return None, f"cannot make a memory cgroup under {parent}: {err.strerror}"
+    return cgroup, version
+
+
+def cgroup_figures(cgroup: Path, version: str) -> dict:
+    """The cgroup's limit, its peak usage (anonymous memory and page cache, as the kernel charges
+    them) and how many processes its OOM killer killed."""
+
+    def read(name: str) -> str:
+        path = cgroup / name
+        return path.read_text() if path.is_file() else ""
+
+    if version == "v1":
+        limit, peak = read("memory.limit_in_bytes"), read("memory.max_usage_in_bytes")
+        events = read("memory.oom_control")
+    else:
+        limit, peak, events = read("memory.max"), read("memory.peak"), read("memory.events")
+    kills = [int(line.split()[1]) for line in events.splitlines() if line.startswith("oom_kill ")]
+    return {
+        "version": version,
+        "limit_gb": round(int(limit) / 1e9, 2) if limit.strip().isdigit() else None,
+        "peak_usage_gb": round(int(peak) / 1e9, 2) if peak.strip().isdigit() else None,
+        "oom_kills": kills[0] if kills else None,
+    }
+
+
 def sample(pid: int, samples: list, stop: threading.Event) -> None:
     while not stop.wait(0.5):
         samples.append((time.time(), *tree_memory(pid)))
@@ -78,6 +138,7 @@ def report(run_dir: Path, samples: list | None = None) -> dict:
         rows[name] = {
             "seconds": record.get("seconds"),
             "peak_rss_gb": (memory.get("peak_total_rss_mb") or 0) / 1e3,
+            "cgroup_limit_gb": (memory.get("cgroup_limit_mb") or 0) / 1e3 or None,
             "peak_anon_gb": max((s[1] for s in inside), default=0) / 1e9
             or (memory.get("peak_anon_mb") or 0) / 1e3,
             "peak_anon_plus_mapped_gb": max((s[1] + s[2] for s in inside), default=0) / 1e9,
@@ -111,17 +172,27 @@ def cpu_name() -> str:
 
 def print_report(figures: dict) -> None:
     print(f"\n{figures['machine']['cpu']}, {figures['machine']['cores']} cores")
-    print(f"{'stage':<10} {'time':>9} {'peak RSS':>9} {'anon':>8}")
+    print(f"{'stage':<10} {'time':>9} {'peak RSS':>9} {'anon':>8} {'cap':>8}")
     for name, row in figures["stages"].items():
         over = " > 16 GB" if max(row["peak_rss_gb"], row["peak_anon_gb"]) * 1e9 > TARGET_BYTES else ""
         rss, anon = row["peak_rss_gb"], row["peak_anon_gb"]
-        print(f"{name:<10} {row['seconds'] or 0:>7.1f} s {rss:>6.2f} GB {anon:>5.2f} GB{over}")
+        cap = f"{row['cgroup_limit_gb']:.1f} GB" if row.get("cgroup_limit_gb") else "none"
+        print(f"{name:<10} {row['seconds'] or 0:>7.1f} s {rss:>6.2f} GB {anon:>5.2f} GB {cap:>8}{over}")
     minutes = figures["total_seconds"] / 60
     print(f"{'total':<10} {minutes:>6.1f} min (target {TARGET_SECONDS / 60:.0f} min)")
     for name, size in figures["gguf_bytes"].items():
         print(f"{name:<48} {size / 1e9:>6.2f} GB")
     print(f"llama-server Q4_K_M under load: {figures['llama_server_q4_k_m']}")
     print(f"vLLM: {figures['vllm']} {figures['vllm_reason'] or ''}")
+    if "cgroup" in figures:
+        print(f"memory cgroup: {figures['cgroup']}")
+
+
+def limit_bytes(size: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    from pipeline.memory import parse_size
+
+    return parse_size(size, "--memory-limit")
 
 
 def main() -> int:
@@ -129,6 +200,9 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "full-scale")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--memory-limit", default="16GB")
+    parser.add_argument(
+        "--no-cap", action="store_true", help="no memory cgroup: memory_limit only checks the estimates"
+    )
     parser.add_argument("--report", type=Path, help="print the table of this finished run and exit")
     parser.add_argument(
         "--samples", type=Path, help="with --report: 'epoch anon mapped' lines sampled meanwhile"
@@ -150,7 +224,17 @@ def main() -> int:
         f"run_dir={args.run_dir}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    cgroup, version = (
+        (None, "--no-cap") if args.no_cap else make_memory_cgroup(limit_bytes(args.memory_limit))
+    )
+    if cgroup is None:
+        print(f"not capped: {version}; memory_limit={args.memory_limit} only checks the estimates")
+
+    def enter_cgroup() -> None:  # in the child, before it runs: it and all it starts are held to the cap
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    process = subprocess.Popen(command, cwd=ROOT, env=env, preexec_fn=enter_cgroup)
     samples, stop = [], threading.Event()
     sampler = threading.Thread(target=sample, args=(process.pid, samples, stop), daemon=True)
     sampler.start()
@@ -158,6 +242,13 @@ def main() -> int:
     stop.set()
     sampler.join()
     figures = report(args.run_dir, samples)
+    figures["exit_code"] = code
+    figures["cgroup"] = cgroup_figures(cgroup, version) if cgroup else {"not_capped": version}
+    if cgroup is not None:
+        try:
+            cgroup.rmdir()
+        except OSError as err:
+            print(f"{cgroup}: not removed ({err.strerror})")
     (args.run_dir / "full_scale.json").write_text(json.dumps(figures, indent=2) + "\n")
     print_report(figures)
     return code

@@ -2,6 +2,11 @@
 streaming merge (`pipeline.merge.merge_weights`) against peft's `merge_and_unload()`.
 
     python bench/merge_memory.py [--size-gb 1.0] [--out DIR] [--shard-size 200MB]
+    python bench/merge_memory.py --run-dir RUN_DIR --dtype bfloat16 --shard-size 2GB  # a run's own
+
+`--run-dir` merges a finished run's own base and trained adapter (`RUN_DIR/base`, `RUN_DIR/adapter`;
+for experiment=llama2_7b_shape, Llama-2-7B's shape and the recipe's r=64 LoRA) instead of building
+a random pair: step 1 is skipped.
 
 1. Builds a randomly initialised Llama of at least `--size-gb` GB of fp16 weights (hidden 2048,
    enough layers to reach the size), saved with `save_pretrained(max_shard_size=...)` so the base
@@ -103,6 +108,21 @@ def build(work: Path, size_gb: float, shard_size: str) -> dict:
     }
 
 
+def describe_run(run_dir: Path) -> dict:
+    """The base and adapter of a finished run, as `build` describes the pair it makes."""
+    config = json.loads((run_dir / "base" / "config.json").read_text())
+    shards = sorted((run_dir / "base").glob("*.safetensors"))
+    from pipeline.memory import tensor_shapes
+
+    return {
+        "layers": config["num_hidden_layers"],
+        "params": sum(math.prod(shape) for shape in tensor_shapes(shards).values()),
+        "base_bytes": sum(p.stat().st_size for p in shards),
+        "base_shards": len(shards),
+        "adapter_bytes": (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size,
+    }
+
+
 # ------------------------------------------------------------------ workers (fresh processes)
 
 
@@ -112,7 +132,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_size: str) -> dict:
+def worker(
+    method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_size: str, dtype_name: str
+) -> dict:
     # The same imports for both methods, before the clock and the baseline RSS.
     import peft  # noqa: F401
     import torch
@@ -121,6 +143,7 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
     from pipeline import merge as project_merge
 
     import_rss = rss_mb()
+    dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
     if method == "project":
         _, deltas = project_merge.load_adapter(adapter_dir)
@@ -128,13 +151,13 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
         out_dir.mkdir(parents=True)
         max_bytes = project_merge.parse_size(shard_size)
         stats = project_merge.merge_weights(
-            base_files, deltas, out_dir, torch.float16, max_bytes, roundtrip=set(), quantization={}
+            base_files, deltas, out_dir, dtype, max_bytes, roundtrip=set(), quantization={}
         )
     elif method == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float16, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, device_map="cpu")
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         merged = model.merge_and_unload()
         merged.save_pretrained(out_dir, max_shard_size=shard_size)
@@ -151,7 +174,7 @@ def worker(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_
     }
 
 
-def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict:
+def run_worker(method: str, work: Path, shard_size: str, size_gb: float, pair: Path, dtype: str) -> dict:
     """This script with `--worker <method>` in a fresh Python process; its last stdout line is JSON."""
     out_dir = work / f"merged-{method}"
     if out_dir.exists():
@@ -167,6 +190,10 @@ def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict
         shard_size,
         "--size-gb",
         str(size_gb),
+        "--pair",
+        str(pair),
+        "--dtype",
+        dtype,
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -177,7 +204,7 @@ def run_worker(method: str, work: Path, shard_size: str, size_gb: float) -> dict
 # ------------------------------------------------------------------ checks and report
 
 
-def compare_outputs(work: Path) -> dict:
+def compare_outputs(work: Path, pair: Path) -> dict:
     """Same tensor names and shapes in both merged outputs; max |diff| between them and vs the base."""
     import torch
     from safetensors import safe_open
@@ -196,7 +223,7 @@ def compare_outputs(work: Path) -> dict:
     project, peft_out, base = (
         index(work / "merged-project"),
         index(work / "merged-peft"),
-        index(work / "base"),
+        index(pair / "base"),
     )
     if set(project) != set(peft_out) or set(project) != set(base):
         raise SystemExit(
@@ -205,7 +232,7 @@ def compare_outputs(work: Path) -> dict:
             f"base vs project {sorted(set(base) ^ set(project))[:5]}"
         )
     max_diff, differing, max_delta, changed, changed_peft, adapted = 0.0, 0, 0.0, 0, 0, 0
-    _, deltas = load_adapter(work / "adapter")
+    _, deltas = load_adapter(pair / "adapter")
     for name in sorted(project):
         x, y, w = tensor(project, name), tensor(peft_out, name), tensor(base, name)
         if x.shape != y.shape or x.dtype != y.dtype:
@@ -247,7 +274,10 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=1.0, help="fp16 size of the random base, GB (1e9 B)")
     parser.add_argument("--out", type=Path, help="keep everything here (default: a temporary directory)")
     parser.add_argument("--shard-size", default="200MB", help="max shard size of the base and both outputs")
+    parser.add_argument("--run-dir", type=Path, help="merge this finished run's base and adapter")
+    parser.add_argument("--dtype", default="float16", help="of the base and both outputs")
     parser.add_argument("--worker", choices=["build", "project", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--pair", type=Path, help=argparse.SUPPRESS)  # the directory with base/, adapter/
     args = parser.parse_args()
 
     if args.worker == "build":
@@ -255,34 +285,41 @@ def main() -> None:
         return
     if args.worker:
         out_dir = args.out / f"merged-{args.worker}"
-        print(
-            json.dumps(worker(args.worker, args.out / "base", args.out / "adapter", out_dir, args.shard_size))
-        )
+        base, adapter = args.pair / "base", args.pair / "adapter"
+        print(json.dumps(worker(args.worker, base, adapter, out_dir, args.shard_size, args.dtype)))
         return
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="merge-memory-")
     work = args.out or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        for name in ("base", "adapter"):
-            if (work / name).exists():
-                shutil.rmtree(work / name)
-        model = run_worker(
-            "build", work, args.shard_size, args.size_gb
-        )  # a child too: this process stays small
-        print(
-            f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, {model['params'] / 1e6:.0f}M "
-            f"params, {model['base_bytes'] / 1e9:.2f} GB fp16 in {model['base_shards']} shards; "
-            f"adapter r={LORA_R} "
-            f"all-linear, {model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)"
-        )
-        if model["base_bytes"] < args.size_gb * 1e9:
-            raise SystemExit(f"base is {model['base_bytes']} bytes, below --size-gb {args.size_gb}")
+        pair = args.run_dir or work
+        if args.run_dir:
+            model = describe_run(args.run_dir)
+            print(
+                f"base: {args.run_dir / 'base'}, {model['layers']} layers, {model['params'] / 1e6:.0f}M "
+                f"params, {model['base_bytes'] / 1e9:.2f} GB in {model['base_shards']} shards; its trained "
+                f"adapter, {model['adapter_bytes'] / 1e6:.1f} MB"
+            )
+        else:
+            for name in ("base", "adapter"):
+                if (work / name).exists():
+                    shutil.rmtree(work / name)
+            # a child too: this process stays small
+            model = run_worker("build", work, args.shard_size, args.size_gb, work, args.dtype)
+            print(
+                f"base: random Llama, hidden {HIDDEN}, {model['layers']} layers, "
+                f"{model['params'] / 1e6:.0f}M params, {model['base_bytes'] / 1e9:.2f} GB fp16 in "
+                f"{model['base_shards']} shards; adapter r={LORA_R} all-linear, "
+                f"{model['adapter_bytes'] / 1e6:.1f} MB (built in {model['build_seconds']:.0f} s)"
+            )
+            if model["base_bytes"] < args.size_gb * 1e9:
+                raise SystemExit(f"base is {model['base_bytes']} bytes, below --size-gb {args.size_gb}")
 
         results = {}
         for method in ("project", "peft"):
-            results[method] = run_worker(method, work, args.shard_size, args.size_gb)
-        check = compare_outputs(work)
+            results[method] = run_worker(method, work, args.shard_size, args.size_gb, pair, args.dtype)
+        check = compare_outputs(work, pair)
         print(
             f"outputs: {check['tensors']} tensors, same names and shapes; max |project - peft| "
             f"{check['max_abs_diff_project_vs_peft']:.3g} ({check['elements_differing_project_vs_peft']} "

@@ -159,6 +159,10 @@ class LoadSmokeConfig:
     requests: int = 32  # concurrent chat requests to llama-server, every other one streamed
     parallel: int = 4  # llama-server --parallel: its slots (each gets smoke.n_ctx of context)
     timeout: float = 300  # seconds for one request, and for the whole check's wait on each
+    # Each reply must equal its prompt's reply asked alone. Off only for a model whose greedy answer
+    # is not stable under batching (a random model's nearly flat logits): cross-talk is then a reply
+    # that equals another prompt's reply asked alone, and the report says what was not compared.
+    same_answer_as_alone: bool = True
 
 
 @dataclass

@@ -14,7 +14,6 @@ Writes `metrics/ladder.json` and `gguf/README.md`, the GGUF folder's model card 
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import tempfile
@@ -34,6 +33,7 @@ from pipeline.memory import (
     adapted_4bit_bytes,
     checkpoint_shapes,
     fits,
+    release_freed_memory,
     require_memory,
     weights_bytes,
 )
@@ -87,14 +87,14 @@ def run(cfg, run_dir: Path) -> dict:
     adapter_bytes = sum(f.stat().st_size for f in layout.adapter.glob("*.safetensors"))
     measure("4-bit base + adapter", hf_logits(model, sequences), None, adapter_bytes=adapter_bytes)
     del model
-    gc.collect()  # peft's wrappers hold reference cycles
+    release_freed_memory()  # peft's wrappers hold reference cycles
     dtype, why, resident = merged_rung_dtype(cfg, layout.merged, merged_shapes)
     remote_code = cfg.model.trust_remote_code
     merged = load_full_precision(layout.merged, dtype, trust_remote_code=remote_code, max_memory=resident)
     merged_bytes = sum(f.stat().st_size for f in layout.merged.glob("*.safetensors"))
     measure("merged", hf_logits(merged, sequences), merged_bytes, compute_dtype=str(dtype)[6:], dtype_why=why)
     del merged
-    gc.collect()
+    release_freed_memory()
     measure(f"GGUF {reference_type}", reference, reference_gguf.stat().st_size)
 
     imatrix = {"types": list(cfg.export.imatrix.types), "file": layout.imatrix.name, "comparison": {}}

@@ -17,6 +17,17 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def judge_reply(
+    reply: str, index: int, alone: dict[int, str], expected: str | None, same_answer_as_alone: bool
+) -> tuple[bool, bool]:
+    """(cross-talk, differs from its prompt's reply asked alone) for one reply under load."""
+    own = reply == alone[index] or (expected is not None and expected in reply)
+    if same_answer_as_alone:
+        return not own, reply != alone[index]
+    others = {other for other in alone.values() if other != alone[index]}
+    return not own and reply in others, reply != alone[index]
+
+
 def load_check(
     base_url: str,
     questions,
@@ -25,10 +36,14 @@ def load_check(
     requests: int,
     timeout: float,
     min_eos_stop: float = 1.0,
+    same_answer_as_alone: bool = True,
 ) -> dict:
     """`requests` concurrent requests over `questions` (cycled), every other one streamed. A reply is
     its own when it equals the same prompt's reply asked alone, or holds the prompt's expected answer.
-    At least `min_eos_stop` of the answers must end on EOS (smoke.min_eos_stop, as for single answers)."""
+    With `same_answer_as_alone` off (a model whose greedy answer batching can flip), a reply is
+    cross-talk only when it equals another prompt's reply asked alone and not its own; replies that
+    differ from their own are counted, not judged. At least `min_eos_stop` of the answers must end
+    on EOS (smoke.min_eos_stop, as for single answers)."""
     if not questions:
         return {"status": "not_run", "reason": "no eval question to ask (none, or none fits the context)"}
     engine = LlamaServerEngine(base_url)
@@ -57,6 +72,7 @@ def load_check(
                 failed.append(f"{type(err).__name__}: {err}"[:200])
     wall = time.perf_counter() - started
     problems = {"prompt_ids": 0, "not_stopped_on_eos": 0, "cross_talk": 0}
+    differs_from_alone = 0
     for index, _, result in results:
         messages, expected = questions[index]
         reference = encode_dialog(messages, tokenizer)
@@ -64,8 +80,9 @@ def load_check(
             result["usage"].get("prompt_tokens") != len(reference) or result["tokenized"] != reference
         )
         problems["not_stopped_on_eos"] += result["finish"] != "stop"
-        own = result["reply"] == alone[index] or (expected is not None and expected in result["reply"])
-        problems["cross_talk"] += not own
+        cross_talk, differs = judge_reply(result["reply"], index, alone, expected, same_answer_as_alone)
+        problems["cross_talk"] += cross_talk
+        differs_from_alone += differs
     latencies = [r["seconds"] for _, _, r in results]
     completion = sum(r["usage"].get("completion_tokens") or 0 for _, _, r in results)
     stopped = 1 - problems["not_stopped_on_eos"] / len(results) if results else 0.0
@@ -82,6 +99,18 @@ def load_check(
         "completed": len(results),
         "errors": failed[:5],
         **problems,
+        "same_answer_as_alone": same_answer_as_alone,
+        # Judged as cross-talk only with same_answer_as_alone; else counted, and named in the report.
+        "differs_from_alone": differs_from_alone,
+        **(
+            {}
+            if same_answer_as_alone
+            else {
+                "not_judged": "replies that differ from their prompt's reply asked alone "
+                "(smoke.load.same_answer_as_alone=false: the model's greedy answer is not stable "
+                "under batching)"
+            }
+        ),
         "stopped_on_eos": round(stopped, 3),
         "min_eos_stop": min_eos_stop,
         "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,

@@ -161,7 +161,37 @@ class StagePeak:
             "peak_children_rss_mb": round(self.children_peak / 1e6, 1),
             "peak_total_rss_mb": round(max(self.total_peak, own) / 1e6, 1),
             "peak_anon_mb": round(self.anon_peak / 1e6, 1),  # sampled, this process and its children
+            # The memory cgroup's limit this stage ran under, if any: at it the kernel reclaims mapped
+            # file pages instead of letting RSS grow, and kills on anonymous memory past it.
+            "cgroup_limit_mb": None if (cap := cgroup_memory_limit()) is None else round(cap / 1e6, 1),
         }
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, or v1 memory.limit_in_bytes), in
+    bytes; None where there is none (or it is above the machine's memory, v1's "unlimited")."""
+    import psutil
+
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+            candidates.append(Path("/sys/fs/cgroup/unified") / path.lstrip("/") / "memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
+    for candidate in candidates:
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < psutil.virtual_memory().total:
+            return int(value)
+    return None
 
 
 def anonymous_bytes(pid: int) -> int:
@@ -187,6 +217,21 @@ def reset_high_water_mark() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> None:
+    """Collect reference cycles (peft's wrappers hold some), then hand the freed heap back to the
+    kernel: glibc keeps freed blocks for reuse, so without malloc_trim the next phase's RSS would
+    start from this one's peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc).malloc_trim(0)
 
 
 def phase_peak_mb() -> float:

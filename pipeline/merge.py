@@ -14,7 +14,6 @@ against the model it claims to equal, within the stated tolerance, or it fails.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -30,7 +29,7 @@ from pipeline.errors import MergeError, MissingInput
 from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
-from pipeline.memory import merge_needs, phase_peak_mb, require_memory, tensor_shapes
+from pipeline.memory import merge_needs, phase_peak_mb, release_freed_memory, require_memory, tensor_shapes
 from pipeline.model_card import write_model_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
@@ -218,7 +217,7 @@ def run(cfg, run_dir: Path) -> dict:
     # What the adapter was trained against: the reference for every fidelity figure.
     phase_peak_mb()
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
-    gc.collect()  # peft's wrappers hold reference cycles: the 4-bit model goes before the merged one loads
+    release_freed_memory()  # the 4-bit model goes before the fold starts (peft's wrappers hold cycles)
     peaks = {"4bit_reference": phase_peak_mb()}  # this process's peak RSS of each phase, MB
     figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
 
@@ -249,7 +248,7 @@ def run(cfg, run_dir: Path) -> dict:
         merged = load_full_precision(tmp, dtype, trust_remote_code=remote_code, max_memory=resident)
         merged_logits = hf_logits(merged, sequences)
         del merged
-        gc.collect()
+        release_freed_memory()
         peaks["self_check"] = phase_peak_mb()
         figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
         figures["merged"] = {

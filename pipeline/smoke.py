@@ -102,6 +102,7 @@ def llama_server(gguf: Path, cases, questions, tokenizer, cfg, min_accuracy, log
             cfg.smoke.load.requests,
             cfg.smoke.load.timeout,
             cfg.smoke.min_eos_stop,
+            cfg.smoke.load.same_answer_as_alone,
         )
         section["load"] = {"parallel_slots": slots, **load}
     with serve_llama_server(

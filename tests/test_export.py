@@ -679,9 +679,11 @@ def test_the_summary_prints_stage_times(tmp_path):
     run_dir = tmp_path / "run"
     first = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")
     assert f"\nRun summary ({run_dir})\n" in first.stdout, first.stdout
-    assert re.search(r"^data +\d+\.\d s  600 train / 48 eval rows$", first.stdout, re.M), first.stdout
+    # stage, time, peak RSS and sampled anonymous memory (blank: the stage ended before a sample)
+    line = r"^data +\d+\.\d s +\d+\.\d\d GB +(\d+\.\d\d GB)?  600 train / 48 eval rows$"
+    assert re.search(line, first.stdout, re.M), first.stdout
     again = run_pipeline("stage=data", "experiment=tiny", f"run_dir={run_dir}")  # unchanged: skipped
-    assert re.search(r"^data +skipped  600 train / 48 eval rows$", again.stdout, re.M), again.stdout
+    assert re.search(r"^data +skipped +600 train / 48 eval rows$", again.stdout, re.M), again.stdout
     assert re.search(r"^total +0\.0 s$", again.stdout, re.M), again.stdout
 
 

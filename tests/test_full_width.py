@@ -52,7 +52,9 @@ def test_the_adapter_is_the_recipe_lora(full_width_run):
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 64 and adapter["lora_alpha"] == 16
     modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert set(adapter["target_modules"]) == modules
+    # peft records all-linear as the modules it resolved to, by full name: 7 in each of the 2 layers
+    targets = adapter["target_modules"]
+    assert {name.rsplit(".", 1)[-1] for name in targets} == modules and len(set(targets)) == 2 * 7
     train = json.loads((run_dir / "metrics" / "train.json").read_text())
     assert train["steps"] == 4 and train["adapter_dtypes"] == ["float32"]
 
@@ -67,9 +69,10 @@ def test_every_stage_records_its_peak_memory_within_its_estimate(full_width_run)
         assert manifest["stages"][stage]["memory"]["peak_children_rss_mb"] > 100, stage
     for stage in ("train", "merge", "ladder"):
         estimate = manifest["stages"][stage]["metrics"]["memory_estimate"]["estimated_peak_bytes"]
-        peak = manifest["stages"][stage]["memory"]["peak_total_rss_mb"] * 1e6
-        # The estimate refuses runs that cannot fit: it must not be far below what the stage used.
-        assert peak <= 1.5 * estimate, (stage, peak, estimate)
+        # The estimate refuses runs that cannot fit: it must not be far below the anonymous memory
+        # the stage used (what must fit; RSS also counts mapped shards the kernel can drop and reread).
+        peak = manifest["stages"][stage]["memory"]["peak_anon_mb"] * 1e6
+        assert 0 < peak <= 1.5 * estimate, (stage, peak, estimate)
     assert "peak RSS" in stdout
 
 

@@ -96,12 +96,27 @@ def final_artifacts(run_dir: Path) -> list[Path]:
 def check_complete(path: Path) -> None:
     if path.suffix == ".safetensors":
         check_safetensors(path)
+    elif path.name.endswith(".imatrix.gguf"):  # an importance matrix, not a model: read it whole
+        check_imatrix(path)
     elif path.suffix == ".gguf":
         check_gguf_loads(path)
     elif path.suffix == ".json":
         json.loads(path.read_text(encoding="utf-8"))
     elif path.name.endswith((".Modelfile", "README.md")):
         assert path.stat().st_size > 0, f"{path} is empty"
+
+
+def check_imatrix(path: Path) -> None:
+    """llama.cpp's own gguf-py reads the importance matrix whole: every tensor within the file."""
+    from pipeline.llamacpp import LlamaCpp
+
+    sys.path.insert(0, str(LlamaCpp().converter().parent / "gguf-py"))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    assert reader.tensors, f"{path}: no tensors"
+    for tensor in reader.tensors:
+        assert tensor.data.size == tensor.n_elements, f"{path}: {tensor.name} cut short"
 
 
 def temporaries(run_dir: Path) -> list[Path]:

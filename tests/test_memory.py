@@ -49,3 +49,46 @@ def test_a_stage_that_cannot_fit_refuses_before_it_loads(tmp_path):
         "stage=data", "experiment=tiny", "memory_limit=lots", f"run_dir={tmp_path}", check=False
     )
     assert bad.returncode == 1 and "memory_limit='lots': expected a size like" in bad.stderr
+
+
+def test_a_stage_in_a_memory_cgroup_records_its_limit_and_stays_under_it(tmp_path):
+    """bench/full_scale.py runs the pipeline in a memory cgroup of --memory-limit: the kernel holds
+    the process tree to it, and each stage records the limit it ran under beside its peak."""
+    import json
+    import os
+    from pathlib import Path
+
+    import pytest
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from full_scale import cgroup_figures, make_memory_cgroup
+
+    cgroup, version = make_memory_cgroup(3 * 10**9)
+    if cgroup is None:
+        pytest.skip(f"no memory cgroup here: {version}")
+    try:
+        command = [sys.executable, "-m", "pipeline", "stage=data", "experiment=tiny", f"run_dir={tmp_path}"]
+        subprocess.run(
+            command,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            preexec_fn=lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())),
+        )
+        figures = cgroup_figures(cgroup, version)
+    finally:
+        cgroup.rmdir()
+    memory = json.loads(Path(tmp_path / "manifest.json").read_text())["stages"]["data"]["memory"]
+    assert 2900 < memory["cgroup_limit_mb"] <= 3000, memory
+    assert memory["peak_total_rss_mb"] < memory["cgroup_limit_mb"]
+    assert (
+        figures["limit_gb"] == 3.0
+        and 0 < figures["peak_usage_gb"] < 3.0
+        and figures["oom_kills"] in (0, None)
+    )
+    unlimited = run_pipeline("stage=data", "experiment=tiny", f"run_dir={tmp_path / 'free'}")
+    assert unlimited.returncode == 0
+    free = json.loads((tmp_path / "free" / "manifest.json").read_text())["stages"]["data"]["memory"]
+    assert free["cgroup_limit_mb"] is None

@@ -883,3 +883,18 @@ def test_tgi_launch_docker_without_a_daemon_is_not_run(tiny_run, tokenizer):
     out = run_tgi(cfg, merged, TGIEngine(merged), PARITY_SUITE, questions, tokenizer)
     assert out["status"] == "not_run"
     assert "docker" in out["reason"].lower()
+
+
+def test_a_reply_is_cross_talk_when_it_is_not_its_own():
+    """Strict (the default): a reply that differs from its prompt's reply asked alone is cross-talk.
+    Lenient (a random model, whose greedy tokens batching flips): only another prompt's reply is."""
+    from pipeline.loadcheck import judge_reply
+
+    alone = {0: "Paris.", 1: "Four."}
+    assert judge_reply("Paris.", 0, alone, None, True) == (False, False)
+    assert judge_reply("Four.", 0, alone, None, True) == (True, True)
+    assert judge_reply("Pa ris", 0, alone, None, True) == (True, True)
+    assert judge_reply("It is Paris.", 0, alone, "Paris", True) == (False, True)
+    assert judge_reply("Four.", 0, alone, None, False) == (True, True)
+    assert judge_reply("Pa ris", 0, alone, None, False) == (False, True)
+    assert judge_reply("Paris.", 0, alone, None, False) == (False, False)
