@@ -21,10 +21,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline import diskspace
 from pipeline.config import check_settings, register
 from pipeline.errors import PipelineError
 from pipeline.layout import RunDir
-from pipeline.memory import StagePeak
+from pipeline.memory import StagePeak, release_freed_memory
 from pipeline.runlock import hold_run_dir
 from pipeline.stages import STAGES
 from pipeline.summary import print_summary
@@ -63,6 +64,10 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
         )
         return None
     log.info("stage %s: running", name)
+    diskspace.checked_write = None  # each stage names its own writes
+    # stage=all runs every stage in this process: what the last one freed goes back to the kernel
+    # first, so this stage's peak is its own (not the train stage's heap, kept by glibc for reuse).
+    release_freed_memory()
     started = time.monotonic()
     with StagePeak() as peak:
         metrics = importlib.import_module(spec.module).run(cfg, run_dir)
@@ -118,9 +123,11 @@ def main(cfg: DictConfig) -> None:
         # and the manifest is recorded only after a stage ends, so nothing final is half-written.
         where = Path(err.filename) if err.filename else run_dir
         free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+        needed = diskspace.checked_write
         message = (
-            f"{where}: no space left on the device ({free / 1e6:.1f} MB free there now); nothing was "
-            "written under a final name: free some space and rerun"
+            f"{where}: no space left on the device ({free / 1e6:.1f} MB free there now"
+            + (f"; the stage needs about {needed[1] / 1e6:.1f} MB for {needed[0]}" if needed else "")
+            + "); nothing was written under a final name: free some space and rerun"
         )
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)

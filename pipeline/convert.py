@@ -12,6 +12,7 @@ from pipeline.gguf import check_gguf, convert_to_gguf, special_ids
 from pipeline.io import check_safetensors
 from pipeline.layout import RunDir, quant_type
 from pipeline.llamacpp import LlamaCpp
+from pipeline.memory import require_memory
 from pipeline.ollama import write_modelfile
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,12 @@ def run(cfg, run_dir: Path) -> dict:
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
 
     outfile = layout.converted_gguf(cfg.export.outtype)
-    elements = safetensors_elements(sorted(layout.merged.glob("*.safetensors")))
+    shards = sorted(layout.merged.glob("*.safetensors"))
+    elements = safetensors_elements(shards)
+    # llama.cpp's converter reads the shards lazily and turns a bfloat16 tensor into float32 on its
+    # way to the GGUF type: at most about one shard's tensors in float32 at a time.
+    largest = max(shard.stat().st_size for shard in shards)
+    memory = require_memory(cfg, "convert", {"a merged shard's tensors in float32": 2 * largest})
     require_free(outfile.parent, gguf_bytes(elements, quant_type(outfile)), f"{outfile.name}")
     checked = {}
     convert_to_gguf(
@@ -43,4 +49,5 @@ def run(cfg, run_dir: Path) -> dict:
         "gguf": outfile.name,
         "metadata": checked,
         "llama_cpp": llamacpp.version(),
+        "memory_estimate": memory,
     }

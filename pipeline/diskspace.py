@@ -58,8 +58,15 @@ def gguf_bytes(elements: int, type_name: str) -> int:
     return int(elements * GGUF_BITS.get(type_name, 16.0) / 8)
 
 
+# The running stage's last checked write, (what, bytes with slack): a disk that fills up anyway
+# (another writer took the space after the check) is reported with what the stage needed.
+checked_write: tuple[str, int] | None = None
+
+
 def require_free(directory: Path, needed: int, what: str) -> None:
     """Raise NoSpace unless `directory`'s file system has room for `needed` bytes (plus slack)."""
+    global checked_write
+    checked_write = (f"{what} in {directory}", needed + SLACK_BYTES)
     directory = Path(directory)
     existing = directory
     while not existing.exists():

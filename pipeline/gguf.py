@@ -4,6 +4,7 @@ that a GGUF carries the chat template and BOS/EOS settings that keep Meta's toke
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -35,9 +36,17 @@ def convert_to_gguf(
         command = [sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
         returncode, stderr = run_showing_progress(command + (["--vocab-only"] if vocab_only else []))
         if returncode != 0 or not tmp.is_file():
-            raise ToolFailed(f"{converter} failed on {hf_dir}:\n{stderr[-3000:]}")
+            raise_tool_failed(f"{converter} failed on {hf_dir}", stderr, tmp)
         if check is not None:
             check(tmp)
+
+
+def raise_tool_failed(what: str, stderr: str, output: Path):
+    """A llama.cpp tool failed: a full disk is the pipeline's one-line ENOSPC report naming the
+    output; anything else keeps the tool's own words."""
+    if os.strerror(errno.ENOSPC) in stderr:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output))
+    raise ToolFailed(f"{what}:\n{stderr[-3000:]}")
 
 
 def run_showing_progress(command: list[str]) -> tuple[int, str]:
@@ -164,9 +173,8 @@ def quantize_gguf(
         command += [str(source), str(tmp), type_name, str(os.cpu_count() or 1)]
         result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
         if result.returncode != 0 or not tmp.is_file():
-            raise ToolFailed(
-                f"llama-quantize {source} -> {type_name} failed ({result.returncode}):\n"
-                f"{result.stderr[-3000:]}"
+            raise_tool_failed(
+                f"llama-quantize {source} -> {type_name} failed ({result.returncode})", result.stderr, tmp
             )
         if check is not None:
             check(tmp)
@@ -201,8 +209,8 @@ def compute_imatrix(
         ]
         result = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
         if result.returncode != 0 or not tmp.is_file():
-            raise ToolFailed(
-                f"llama-imatrix on {calibration_text} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+            raise_tool_failed(
+                f"llama-imatrix on {calibration_text} failed ({result.returncode})", result.stderr, tmp
             )
     chunk_counts = re.findall(r"computing over (\d+) chunks", result.stderr)
     return {"chunks": int(chunk_counts[-1]) if chunk_counts else None, "ctx": ctx}

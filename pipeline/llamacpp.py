@@ -54,6 +54,22 @@ CMAKE_ARGS = (
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=ON",
 )
+# llama.cpp's AMX kernels are left out of every build, the bindings' included (`cmake-args`, for
+# pip's CMAKE_ARGS): at this commit they die with SIGILL at `tileloadd` inside
+# ggml_backend_amx_mul_mat on a Sapphire Rapids-class Xeon VM (Q4_K_M and Q8_0, in llama-server,
+# llama-perplexity and the bindings alike), where a plain AMX program runs. GGML_NATIVE's
+# -march=native would turn them on; an explicit -mno-amx-* wins over -march in GCC and Clang.
+# The AVX-512 VNNI kernels serve those types instead.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_cmake_args() -> list[str]:
+    """CMake arguments every llama.cpp build of the project gets, programs and bindings alike."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+    return []
+
+
 # What `convert_hf_to_gguf.py` needs beside it: it imports `conversion` from its own directory and
 # puts `gguf-py` on its path.
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -148,7 +164,7 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
     """
     started = time.monotonic()
     prefix = Path(prefix).resolve()
-    cmake_args = [*CMAKE_ARGS, *extra_cmake_args]
+    cmake_args = [*CMAKE_ARGS, *cpu_cmake_args(), *extra_cmake_args]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llama.cpp-build-", dir=prefix.parent) as work:
         work = Path(work)
@@ -297,12 +313,20 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="compile even if this build is installed or cached"
     )
     sub.add_parser("version", help="the installed programs' llama.cpp commit, beside the bindings'")
+    sub.add_parser(
+        "cmake-args", help='the CMake arguments for the bindings\' build: CMAKE_ARGS="$(...)" pip install'
+    )
     args = parser.parse_args(argv)
+    if args.command == "cmake-args":
+        import shlex
+
+        print(shlex.join(cpu_cmake_args()))
+        return 0
     if args.command == "version":
         print(json.dumps(LlamaCpp().version(), indent=2))
         return 0
     prefix = args.prefix.resolve()
-    cmake_args = [*CMAKE_ARGS, *args.cmake_arg]
+    cmake_args = [*CMAKE_ARGS, *cpu_cmake_args(), *args.cmake_arg]
     existing = LlamaCpp(prefix).build_record()
     if (
         not args.force

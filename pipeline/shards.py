@@ -3,7 +3,9 @@ tensor by tensor (model=llama2_7b_shape), never whole in memory."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,7 +31,13 @@ class ShardWriter:
         self.tensor_bytes += size
 
     def flush(self) -> None:
-        save_file(self.pending, self.out_dir / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
+        path = self.out_dir / f"shard-{len(self.shards)}.tmp"
+        try:
+            save_file(self.pending, path, metadata={"format": "pt"})
+        except Exception as err:  # safetensors' Rust writer reports a full disk as SafetensorError
+            if "No space left on device" in str(err) or "StorageFull" in str(err):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

@@ -8,7 +8,15 @@ import subprocess
 
 import pytest
 
-from pipeline.llamacpp import CMAKE_ARGS, LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON, SDIST_SHA256, TOOLS, LlamaCpp
+from pipeline.llamacpp import (
+    CMAKE_ARGS,
+    LLAMA_CPP_COMMIT,
+    LLAMA_CPP_PYTHON,
+    SDIST_SHA256,
+    TOOLS,
+    LlamaCpp,
+    cpu_cmake_args,
+)
 
 
 def test_programs_are_the_commit_the_bindings_vendor(llamacpp):
@@ -22,6 +30,19 @@ def test_programs_are_the_commit_the_bindings_vendor(llamacpp):
     assert record["sdist_sha256"] == SDIST_SHA256
     assert record["tools"] == list(TOOLS)
     assert record["cmake_args"][: len(CMAKE_ARGS)] == list(CMAKE_ARGS)
+    assert record["cmake_args"][len(CMAKE_ARGS) :][: len(cpu_cmake_args())] == cpu_cmake_args()
+
+
+def test_the_bindings_are_built_without_amx_kernels():
+    """llama.cpp's AMX kernels die with SIGILL at this commit (pipeline/llamacpp.py, NO_AMX): the
+    bindings must be built with `CMAKE_ARGS="$(python pipeline/llamacpp.py cmake-args)"` as the
+    README's install does; a wheel from an install without it (pip caches wheels) shows here."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "CPU" in info, info
+    if cpu_cmake_args():
+        assert "AMX_INT8 = 1" not in info, f"bindings built with AMX kernels: {info}"
 
 
 @pytest.mark.parametrize("tool", TOOLS)

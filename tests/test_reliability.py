@@ -509,3 +509,35 @@ def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected
     assert line.endswith("restore it, or move it away to rerun every stage")
     assert "Traceback" not in result.stderr
     assert (run_dir / "manifest.json").read_text() == edit
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tiny_run, small_disk):
+    """The free space passes the stage's check, then another writer takes it (the filler, the moment
+    the merge's temporary directory appears): a real ENOSPC mid-write. One line naming the path and
+    what the stage needed; no merged/ under its final name, the old one and the manifest as they were."""
+    run_dir = small_disk / "run"
+    for name in ("data", "adapter"):
+        shutil.copytree(tiny_run / name, run_dir / name)
+    shutil.copy(tiny_run / "manifest.json", run_dir / "manifest.json")
+    manifest = (run_dir / "manifest.json").read_bytes()
+    command = [sys.executable, "-m", "pipeline", "stage=merge", "experiment=tiny", f"run_dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    merge = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob(".merged.tmp-*")) and merge.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with open(small_disk / "filler", "wb") as filler:  # every free byte, at once
+        os.posix_fallocate(filler.fileno(), 0, shutil.disk_usage(small_disk).free - 4096)
+    _, stderr = merge.communicate(timeout=300)
+    assert merge.returncode == 1, stderr[-3000:]
+    line = last_line(stderr)
+    assert line.startswith(f"error: {run_dir}/.merged.tmp-") and "no space left on the device" in line, (
+        stderr[-3000:]
+    )
+    assert "the stage needs about" in line and "the merged model in float32" in line, line
+    assert "Traceback" not in stderr
+    assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged.*"))
+    assert (run_dir / "manifest.json").read_bytes() == manifest
