@@ -4,6 +4,7 @@ scripts themselves, measured against a baseline in the same run; nothing here ti
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,20 @@ def test_convert_quantize_bench_measures_both_sides(tiny_run):
     assert figures["best"]["direct"] > 0 and figures["best"]["stages"] > 0
     assert "overhead ratio (stages / direct)" in result.stdout
     assert not (tiny_run / "gguf" / "model-F16.gguf").exists()  # the run's own gguf/ is left alone
+
+
+@pytest.mark.slow
+def test_merge_memory_bench_merges_a_runs_own_adapter_both_ways(tiny_run):
+    """`--run-dir`: the project's merge and peft's merge_and_unload on a finished run's base and
+    trained adapter (how it runs at the 7B shape); the bench fails itself if the two disagree."""
+    result = subprocess.run(
+        [sys.executable, "bench/merge_memory.py", "--run-dir", str(tiny_run), "--dtype", "float32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"base: {tiny_run / 'base'}" in result.stdout and "same names and shapes" in result.stdout
+    assert "project/peft" in result.stdout and not list(tiny_run.glob("merged-*"))
