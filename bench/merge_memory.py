@@ -174,7 +174,9 @@ def worker(
     }
 
 
-def run_worker(method: str, work: Path, shard_size: str, size_gb: float, pair: Path, dtype: str) -> dict:
+def run_worker(
+    method: str, work: Path, shard_size: str, size_gb: float, pair: Path | None = None, dtype: str = "float16"
+) -> dict:
     """This script with `--worker <method>` in a fresh Python process; its last stdout line is JSON."""
     out_dir = work / f"merged-{method}"
     if out_dir.exists():
@@ -191,7 +193,7 @@ def run_worker(method: str, work: Path, shard_size: str, size_gb: float, pair: P
         "--size-gb",
         str(size_gb),
         "--pair",
-        str(pair),
+        str(pair or work),
         "--dtype",
         dtype,
     ]

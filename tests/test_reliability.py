@@ -438,10 +438,19 @@ def test_a_damaged_gguf_is_one_line_naming_it_before_the_stage_works(damage, sta
 @pytest.fixture
 def small_disk(tmp_path):
     """A 72 MB tmpfs (the tiny model's merged dir fits, a GGUF beside it with the stage's margin not)."""
-    mount = tmp_path / "disk"
+    yield from tmpfs(tmp_path / "disk", "72m")
+
+
+@pytest.fixture
+def merge_disk(tmp_path):
+    """A 256 MB tmpfs: room for the tiny merge and the stage's margin, until the filler takes it."""
+    yield from tmpfs(tmp_path / "disk", "256m")
+
+
+def tmpfs(mount: Path, size: str):
     mount.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
@@ -512,11 +521,11 @@ def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tiny_run, small_disk):
+def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tiny_run, merge_disk):
     """The free space passes the stage's check, then another writer takes it (the filler, the moment
     the merge's temporary directory appears): a real ENOSPC mid-write. One line naming the path and
     what the stage needed; no merged/ under its final name, the old one and the manifest as they were."""
-    run_dir = small_disk / "run"
+    run_dir = merge_disk / "run"
     for name in ("data", "adapter"):
         shutil.copytree(tiny_run / name, run_dir / name)
     shutil.copy(tiny_run / "manifest.json", run_dir / "manifest.json")
@@ -529,8 +538,8 @@ def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tin
     deadline = time.monotonic() + 300
     while not list(run_dir.glob(".merged.tmp-*")) and merge.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
-    with open(small_disk / "filler", "wb") as filler:  # every free byte, at once
-        os.posix_fallocate(filler.fileno(), 0, shutil.disk_usage(small_disk).free - 4096)
+    with open(merge_disk / "filler", "wb") as filler:  # every free byte, at once
+        os.posix_fallocate(filler.fileno(), 0, shutil.disk_usage(merge_disk).free - 4096)
     _, stderr = merge.communicate(timeout=300)
     assert merge.returncode == 1, stderr[-3000:]
     line = last_line(stderr)
