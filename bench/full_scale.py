@@ -60,26 +60,14 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return anon, mapped
 
 
-def own_memory_cgroup() -> tuple[Path, str] | None:
-    """(directory, version) of this process's memory cgroup, where its files can be written."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            directory, version = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "v1"
-        elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
-            directory, version = Path("/sys/fs/cgroup") / path.lstrip("/"), "v2"
-        else:
-            continue
-        if os.access(directory, os.W_OK):
-            return directory, version
-    return None
-
-
 def make_memory_cgroup(limit_bytes: int) -> tuple[Path | None, str]:
     """A new memory cgroup under this process's, limited to `limit_bytes`: (its directory, its
     version), or (None, why not)."""
-    own = own_memory_cgroup()
-    if own is None:
+    sys.path.insert(0, str(ROOT))
+    from pipeline.memory import memory_cgroup
+
+    own = memory_cgroup()
+    if own is None or not os.access(own[0], os.W_OK):
         return None, "no writable memory cgroup (v1 memory controller or v2) for this user"
     parent, version = own
     cgroup = parent / f"full-scale-{os.getpid()}"

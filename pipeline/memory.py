@@ -167,31 +167,42 @@ class StagePeak:
         }
 
 
+def memory_cgroup() -> tuple[Path, str] | None:
+    """(directory, "v1" or "v2") of this process's memory cgroup; None where there is none."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    entries = [line.split(":", 2) for line in lines]
+    for _, controllers, path in entries:
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "v1"
+    for _, controllers, path in entries:
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):  # unified, or hybrid's v2 part
+            directory = Path(root) / path.lstrip("/")
+            if controllers == "" and "memory" in read_text(Path(root) / "cgroup.controllers"):
+                return directory, "v2"
+    return None
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def cgroup_memory_limit() -> int | None:
     """The memory limit of this process's cgroup (v2 memory.max, or v1 memory.limit_in_bytes), in
     bytes; None where there is none (or it is above the machine's memory, v1's "unlimited")."""
     import psutil
 
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
+    cgroup = memory_cgroup()
+    if cgroup is None:
         return None
-    candidates = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
-            candidates.append(Path("/sys/fs/cgroup/unified") / path.lstrip("/") / "memory.max")
-        elif "memory" in controllers.split(","):
-            candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
-    for candidate in candidates:
-        try:
-            value = candidate.read_text().strip()
-        except OSError:
-            continue
-        if value.isdigit() and int(value) < psutil.virtual_memory().total:
-            return int(value)
-    return None
+    directory, version = cgroup
+    value = read_text(directory / ("memory.limit_in_bytes" if version == "v1" else "memory.max")).strip()
+    return int(value) if value.isdigit() and int(value) < psutil.virtual_memory().total else None
 
 
 def anonymous_bytes(pid: int) -> int:
