@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,27 @@ SHARED = Path(os.environ.get("PIPELINE_SHARED_DIR", ROOT.parent / "shared"))
 LLAMA2_TOKENIZER = SHARED / "data" / "llama2-tokenizer" / "tokenizer.model"
 GUANACO_QUESTIONS = SHARED / "data" / "guanaco" / "oa_questions.jsonl"
 TGI_OPENAPI = SHARED / "data" / "tgi" / "openapi.json"
+
+
+# Peak disk use under the temporary directory of one whole `pytest` session, measured (README): the
+# full-width run and the 7B bench rehearsal each write several GB.
+SESSION_DISK_GB = 12
+BIG_DISK_TESTS = ("tests/test_full_width.py", "tests/test_bench.py::test_gpu_7b")
+
+
+def pytest_collection_finish(session):
+    """Refuse at the start, in one line, when the big runs cannot fit: a disk that fills mid-session
+    otherwise shows as a hundred errors from module fixtures."""
+    if not any(item.nodeid.startswith(BIG_DISK_TESTS) for item in session.items):
+        return
+    tmp = tempfile.gettempdir()
+    free_gb = shutil.disk_usage(tmp).free / 1e9
+    if free_gb < SESSION_DISK_GB:
+        pytest.exit(
+            f"{tmp}: {free_gb:.1f} GB free; these tests write up to about {SESSION_DISK_GB} GB there "
+            "(free some, or point TMPDIR at a larger disk)",
+            returncode=1,
+        )
 
 
 def need(path: Path) -> Path:

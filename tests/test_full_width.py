@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from conftest import GUANACO_QUESTIONS, LLAMA2_TOKENIZER, need, run_pipeline
@@ -28,7 +29,8 @@ def full_width_run(tmp_path_factory):
         f"run_dir={run_dir}",
         timeout=1800,
     )
-    return run_dir, result.stdout
+    yield run_dir, result.stdout
+    shutil.rmtree(run_dir, ignore_errors=True)  # about 5 GB; the other big runs must find the space
 
 
 def test_the_base_has_llama2_7b_width_written_in_shards(full_width_run):
