@@ -3,6 +3,7 @@ experiment=llama2_7b_shape`, with each stage's time and peak memory, the GGUF si
 tokens/s, against the 90-minute and 16 GB targets.
 
     python bench/full_scale.py [--run-dir DIR] [--layers 32] [--memory-limit 16GB]
+    python bench/full_scale.py --run-dir DIR --stage merge  # rerun one stage of a finished run
     python bench/full_scale.py --report DIR [--samples FILE]  # the table of a finished run
 
 The run is a random-init model of Llama-2-7B's exact shape (conf/model/llama2_7b_shape.yaml) with
@@ -116,11 +117,13 @@ def stage_windows(manifest: dict) -> dict[str, tuple[float, float]]:
     return windows
 
 
-def report(run_dir: Path, samples: list | None = None) -> dict:
+def report(run_dir: Path, samples: list | None = None, stage: str = "all") -> dict:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     windows = stage_windows(manifest)
     rows = {}
     for name, record in manifest["stages"].items():
+        if stage not in ("all", name):
+            continue
         memory = record.get("memory") or {}
         inside = [s for s in samples or [] if windows[name][0] <= s[0] <= windows[name][1]]
         rows[name] = {
@@ -189,6 +192,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--memory-limit", default="16GB")
     parser.add_argument(
+        "--stage", default="all", help="one stage of a finished run, rerun (force=true) and reported alone"
+    )
+    parser.add_argument(
         "--no-cap", action="store_true", help="no memory cgroup: memory_limit only checks the estimates"
     )
     parser.add_argument("--report", type=Path, help="print the table of this finished run and exit")
@@ -205,7 +211,8 @@ def main() -> int:
         sys.executable,
         "-m",
         "pipeline",
-        "stage=all",
+        f"stage={args.stage}",
+        *([] if args.stage == "all" else ["force=true"]),
         "experiment=llama2_7b_shape",
         f"model.tiny.num_hidden_layers={args.layers}",
         f"memory_limit={args.memory_limit}",
@@ -229,7 +236,7 @@ def main() -> int:
     code = process.wait()
     stop.set()
     sampler.join()
-    figures = report(args.run_dir, samples)
+    figures = report(args.run_dir, samples, args.stage)
     figures["exit_code"] = code
     figures["cgroup"] = cgroup_figures(cgroup, version) if cgroup else {"not_capped": version}
     if cgroup is not None:
@@ -237,7 +244,8 @@ def main() -> int:
             cgroup.rmdir()
         except OSError as err:
             print(f"{cgroup}: not removed ({err.strerror})")
-    (args.run_dir / "full_scale.json").write_text(json.dumps(figures, indent=2) + "\n")
+    name = "full_scale.json" if args.stage == "all" else f"full_scale-{args.stage}.json"
+    (args.run_dir / name).write_text(json.dumps(figures, indent=2) + "\n")
     print_report(figures)
     return code
 

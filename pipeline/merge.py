@@ -157,14 +157,19 @@ def merge_weights(
     fit the base (`check_adapter_fits`)."""
     writer, merged = ShardWriter(out_dir, max_bytes), 0
     for path in progress(base_files, "merge", unit="shard"):
-        with safe_open(path, "pt") as f:
+        # pread, not mmap: a mapped shard stays resident until it is closed (2 GB per 7B shard on top
+        # of the output shard); read this way only the tensor in hand is.
+        with safe_open(path, "pt", backend="pread") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 if name in roundtrip:
-                    tensor = nf4_roundtrip(tensor, quantization)
+                    tensor = nf4_roundtrip(tensor, quantization)  # a fresh float32 tensor
                 if name in deltas:
                     lora_a, lora_b, scale = deltas[name]
-                    tensor = tensor.float() + scale * (lora_b.float() @ lora_a.float())
+                    if name not in roundtrip or tensor.dtype != torch.float32:
+                        tensor = tensor.to(torch.float32, copy=True)
+                    # W + scale * B @ A in place: no (out, in) float32 temporaries besides W itself
+                    tensor.addmm_(lora_b.float(), lora_a.float(), alpha=scale)
                     merged += 1
                 writer.add(name, tensor.to(dtype))
                 del tensor
