@@ -122,12 +122,14 @@ class StagePeak:
         self.children_peak = 0
         self.total_peak = 0
         self.anon_peak = 0
+        self.phase_anon_peak = 0  # since the last phase_peaks()
         self._stop = threading.Event()
 
     def __enter__(self) -> StagePeak:
         import psutil
 
-        global _earlier_peak
+        global _earlier_peak, _active
+        _active = self
         self._process = psutil.Process()
         self._self_reset = reset_high_water_mark()
         _earlier_peak = 0
@@ -147,10 +149,13 @@ class StagePeak:
             self.children_peak = max(self.children_peak, children)
             self.total_peak = max(self.total_peak, children + self._process.memory_info().rss)
             self.anon_peak = max(self.anon_peak, anon)
+            self.phase_anon_peak = max(self.phase_anon_peak, anon)
 
     def __exit__(self, *exc) -> None:
+        global _active
         self._stop.set()
         self._thread.join()
+        _active = None
 
     def figures(self) -> dict:
         own = max(high_water_mark(), _earlier_peak)
@@ -216,7 +221,8 @@ def anonymous_bytes(pid: int) -> int:
     return 0
 
 
-_earlier_peak = 0  # the highest VmHWM of this stage before a phase reset it (phase_peak_mb)
+_earlier_peak = 0  # the highest VmHWM of this stage before a phase reset it (phase_peaks)
+_active: StagePeak | None = None  # the running stage's sampler
 
 
 def reset_high_water_mark() -> bool:
@@ -245,12 +251,17 @@ def release_freed_memory() -> None:
             ctypes.CDLL(libc).malloc_trim(0)
 
 
-def phase_peak_mb() -> float:
-    """This process's peak RSS since the previous call (or the stage's start), in MB; the stage's
-    own peak keeps counting it."""
+def phase_peaks() -> tuple[float, float | None]:
+    """(peak RSS, peak anonymous memory) since the previous call (or the stage's start), in MB; the
+    stage's own peaks keep counting them. Anonymous memory is sampled by the running stage's
+    StagePeak (None outside one), so a phase shorter than its interval may miss its peak."""
     peak = high_water_mark()
     reset_high_water_mark()
-    return round(peak / 1e6, 1)
+    anon = None
+    if _active is not None:
+        anon, _active.phase_anon_peak = _active.phase_anon_peak, anonymous_bytes(_active._process.pid)
+        anon = round(anon / 1e6, 1)
+    return round(peak / 1e6, 1), anon
 
 
 def high_water_mark() -> int:

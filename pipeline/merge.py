@@ -29,7 +29,7 @@ from pipeline.errors import MergeError, MissingInput
 from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
-from pipeline.memory import merge_needs, phase_peak_mb, release_freed_memory, require_memory, tensor_shapes
+from pipeline.memory import merge_needs, phase_peaks, release_freed_memory, require_memory, tensor_shapes
 from pipeline.model_card import write_model_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
@@ -220,10 +220,10 @@ def run(cfg, run_dir: Path) -> dict:
         raise MergeError(f"{layout.eval_rows}: no eval rows to check the merge on")
 
     # What the adapter was trained against: the reference for every fidelity figure.
-    phase_peak_mb()
+    phase_peaks()
     trained_logits = hf_logits(load_4bit_with_adapter(base, adapter_dir, cfg), sequences)
     release_freed_memory()  # the 4-bit model goes before the fold starts (peft's wrappers hold cycles)
-    peaks = {"4bit_reference": phase_peak_mb()}  # this process's peak RSS of each phase, MB
+    peaks = {"4bit_reference": phase_peaks()}  # this process's peak (RSS, anonymous) of each phase, MB
     figures = {"4bit_adapter": {"perplexity": perplexity(trained_logits, sequences)}}
 
     remote_code = cfg.model.trust_remote_code
@@ -247,14 +247,14 @@ def run(cfg, run_dir: Path) -> dict:
         shutil.rmtree(layout.merge_compare)
 
     with atomic_dir(layout.merged) as tmp:
-        phase_peak_mb()
+        phase_peaks()
         stats = merge_to(tmp, mode)
-        peaks["fold"] = phase_peak_mb()
+        peaks["fold"] = phase_peaks()
         merged = load_full_precision(tmp, dtype, trust_remote_code=remote_code, max_memory=resident)
         merged_logits = hf_logits(merged, sequences)
         del merged
         release_freed_memory()
-        peaks["self_check"] = phase_peak_mb()
+        peaks["self_check"] = phase_peaks()
         figures[f"merged_{mode}"] = compare(merged_logits, trained_logits)
         figures["merged"] = {
             "perplexity": perplexity(merged_logits, sequences),
@@ -285,7 +285,8 @@ def run(cfg, run_dir: Path) -> dict:
             "self_check": check,
             "fidelity": figures,
             "memory_estimate": memory,
-            "phase_peak_rss_mb": peaks,
+            "phase_peak_rss_mb": {phase: rss for phase, (rss, _) in peaks.items()},
+            "phase_peak_anon_mb": {phase: anon for phase, (_, anon) in peaks.items()},
             # The fold's bound: twice the largest base shard plus the adapter.
             "fold_bound_mb": round(
                 (resident + sum(f.stat().st_size for f in adapter_dir.iterdir())) / 1e6, 1

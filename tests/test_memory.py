@@ -7,7 +7,7 @@ import sys
 
 from conftest import run_pipeline
 
-from pipeline.memory import NoMemory, StagePeak, parse_size, require_memory
+from pipeline.memory import NoMemory, StagePeak, parse_size, phase_peaks, require_memory
 
 
 def test_stage_peak_sees_this_process_and_its_children():
@@ -20,6 +20,23 @@ def test_stage_peak_sees_this_process_and_its_children():
     figures = peak.figures()
     assert figures["peak_rss_exact"] and figures["peak_rss_mb"] >= 300
     assert figures["peak_children_rss_mb"] >= 400
+
+
+def test_phase_peaks_are_each_phases_own():
+    """The merge's per-phase figures: a 300 MB buffer held in one phase counts there, not in the next."""
+    import time
+
+    with StagePeak():
+        phase_peaks()
+        block = bytearray(300_000_000)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(3 * StagePeak.INTERVAL)
+        del block
+        held = phase_peaks()
+        time.sleep(3 * StagePeak.INTERVAL)
+        rss, anon = phase_peaks()
+    assert rss + 250 <= held[0] and anon + 250 <= held[1], (held, rss, anon)
+    assert phase_peaks()[1] is None  # no stage running: anonymous memory is not sampled
 
 
 def test_require_memory_names_the_largest_phase_and_both_figures():
