@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -520,6 +521,21 @@ def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected
     assert (run_dir / "manifest.json").read_text() == edit
 
 
+def take_all_free_space(filler: Path) -> None:
+    """Allocate every free byte of filler's file system to it, at once. The merge writes meanwhile,
+    so a request for what was free a moment ago can fail: ask again for half, down to a page."""
+    with open(filler, "wb") as f:
+        size, want = 0, shutil.disk_usage(filler.parent).free
+        while want >= 4096:
+            try:
+                os.posix_fallocate(f.fileno(), size, want)
+                size += want
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                want //= 2
+
+
 @pytest.mark.slow
 def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tiny_run, merge_disk):
     """The free space passes the stage's check, then another writer takes it (the filler, the moment
@@ -538,8 +554,7 @@ def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tin
     deadline = time.monotonic() + 300
     while not list(run_dir.glob(".merged.tmp-*")) and merge.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
-    with open(merge_disk / "filler", "wb") as filler:  # every free byte, at once
-        os.posix_fallocate(filler.fileno(), 0, shutil.disk_usage(merge_disk).free - 4096)
+    take_all_free_space(merge_disk / "filler")
     _, stderr = merge.communicate(timeout=300)
     assert merge.returncode == 1, stderr[-3000:]
     line = last_line(stderr)
