@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +30,14 @@ from pipeline.errors import MergeError, MissingInput
 from pipeline.fidelity import compare, eval_sequences, hf_logits, perplexity
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
-from pipeline.memory import merge_needs, phase_peaks, release_freed_memory, require_memory, tensor_shapes
+from pipeline.memory import (
+    anonymous_bytes,
+    merge_needs,
+    phase_peaks,
+    release_freed_memory,
+    require_memory,
+    tensor_shapes,
+)
 from pipeline.model_card import write_model_card
 from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
@@ -248,6 +256,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     with atomic_dir(layout.merged) as tmp:
         phase_peaks()
+        fold_start_anon = anonymous_bytes(os.getpid())  # the adapter's deltas, the logits, the libraries
         stats = merge_to(tmp, mode)
         peaks["fold"] = phase_peaks()
         merged = load_full_precision(tmp, dtype, trust_remote_code=remote_code, max_memory=resident)
@@ -287,6 +296,7 @@ def run(cfg, run_dir: Path) -> dict:
             "memory_estimate": memory,
             "phase_peak_rss_mb": {phase: rss for phase, (rss, _) in peaks.items()},
             "phase_peak_anon_mb": {phase: anon for phase, (_, anon) in peaks.items()},
+            "fold_start_anon_mb": round(fold_start_anon / 1e6, 1),
             # The fold's bound: twice the largest base shard plus the adapter.
             "fold_bound_mb": round(
                 (resident + sum(f.stat().st_size for f in adapter_dir.iterdir())) / 1e6, 1
