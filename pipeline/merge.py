@@ -39,7 +39,7 @@ from pipeline.memory import (
     tensor_shapes,
 )
 from pipeline.model_card import write_model_card
-from pipeline.models import load_4bit_with_adapter, load_full_precision, local_base
+from pipeline.models import base_weight_files, load_4bit_with_adapter, load_full_precision, local_base
 from pipeline.progress import progress
 from pipeline.rows import read_jsonl
 from pipeline.shards import ShardWriter
@@ -88,21 +88,6 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor,
             parts.setdefault(match["module"] + ".weight", {})[match["part"]] = f.get_tensor(key)
     deltas = {name: (p["A"], p["B"], scale) for name, p in parts.items()}
     return config, deltas
-
-
-def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, list[Path]]:
-    """(directory, safetensors files) of the base model; never pickled .bin checkpoints."""
-    base_dir = Path(base)
-    if not base_dir.is_dir():
-        from huggingface_hub import snapshot_download
-
-        base_dir = Path(
-            snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"])
-        )
-    files = sorted(base_dir.glob("*.safetensors"))
-    if not files:
-        raise MergeError(f"{base_dir}: no *.safetensors weights (pickled checkpoints are never loaded)")
-    return base_dir, files
 
 
 def check_adapter_fits(deltas: dict, base_files: list[Path]) -> None:

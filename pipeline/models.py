@@ -8,27 +8,76 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.errors import MergeError
+from pipeline.errors import ConfigError, DataError, MergeError
 from pipeline.layout import RunDir
 
 log = logging.getLogger(__name__)
 
 
+def base_weight_files(base: str, revision: str | None = None) -> tuple[Path, list[Path]]:
+    """(directory, safetensors files) of the base model; never pickled .bin checkpoints."""
+    base_dir = Path(base)
+    if not base_dir.is_dir():
+        from huggingface_hub import snapshot_download
+
+        base_dir = Path(
+            snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json", "*.py"])
+        )
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise DataError(f"{base_dir}: no *.safetensors weights (pickled checkpoints are never loaded)")
+    return base_dir, files
+
+
+def causal_lm_class(config, base_dir: Path, trust_remote_code: bool):
+    """The class AutoModelForCausalLM would build for `config`: the base's own code when it has
+    some and it is trusted, else transformers' (which refuses a config that needs code)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(base_dir))
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(
+            f"{base_dir / 'config.json'}: {type(config).__name__} is not a causal LM transformers knows"
+        )
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
 def load_quantized_base(base: str, cfg):
-    """The base in 4-bit with `train.quantization` (bitsandbytes), one full copy per process."""
+    """The base in 4-bit with `train.quantization` (bitsandbytes), one full copy per process.
+
+    transformers' own load maps every shard and unmaps them only when the load ends, so the whole
+    base (13 GB at 7B) counts in resident memory while it is quantized. It is handed slices read
+    with pread instead: each tensor is in memory only while bitsandbytes quantizes it."""
+    import contextlib
+
     import torch
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from safetensors import safe_open
+    from transformers import AutoConfig, BitsAndBytesConfig, GenerationConfig
 
+    remote_code = cfg.model.trust_remote_code
+    base_dir, files = base_weight_files(base, cfg.model.revision if cfg.model.tiny is None else None)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=remote_code)
+    model_class = causal_lm_class(config, base_dir, remote_code)
     quantization = BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization))
-    return AutoModelForCausalLM.from_pretrained(
-        base,
-        revision=cfg.model.revision if cfg.model.tiny is None else None,
-        quantization_config=quantization,
-        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
-        device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(safe_open(path, "pt", backend="pread")) for path in files]
+        model = model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict={name: shard.get_slice(name) for shard in shards for name in shard.keys()},
+            quantization_config=quantization,
+            dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
+            device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
+        )
+    model.name_or_path = model.config.name_or_path = base  # what peft records as the adapter's base
+    if (base_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base_dir)
+    return model
 
 
 def load_4bit_with_adapter(base: str, adapter_dir: Path, cfg):

@@ -185,12 +185,13 @@ class ProbeForCausalLM(LlamaForCausalLM):
 @pytest.fixture
 def remote_code_base(tmp_path) -> Path:
     """A local base whose config.json needs its own Python (auto_map), as hub repos with custom code do."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = tmp_path / "probe-base"
-    LlamaConfig(
+    config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    ).save_pretrained(base)
+    )
+    LlamaForCausalLM(config).save_pretrained(base)
     config = json.loads((base / "config.json").read_text())
     config.update(
         model_type="probe_llama",
@@ -215,6 +216,44 @@ def test_merge_loads_honour_trust_remote_code(remote_code_base):
     names = quantized_linear_names(remote_code_base, trust_remote_code=True)
     assert "model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" not in names
     assert (remote_code_base / "executed").is_file()
+
+
+def test_the_4bit_load_honours_trust_remote_code(remote_code_base):
+    """The 4-bit base is built by the base's own class only when model.trust_remote_code says so."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register
+    from pipeline.models import load_quantized_base
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny"])
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_quantized_base(str(remote_code_base), cfg)
+    assert not (remote_code_base / "executed").exists()
+    cfg.model.trust_remote_code = True
+    model = load_quantized_base(str(remote_code_base), cfg)
+    assert type(model).__name__ == "ProbeForCausalLM" and (remote_code_base / "executed").is_file()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_a_base_that_is_no_causal_lm_is_refused_in_one_line(tmp_path):
+    import torch
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import save_file
+    from transformers import ViTConfig
+
+    from pipeline.config import register
+    from pipeline.errors import ConfigError
+    from pipeline.models import load_quantized_base
+
+    ViTConfig().save_pretrained(tmp_path)
+    save_file({"pooler.dense.bias": torch.zeros(768)}, tmp_path / "model.safetensors")
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny"])
+    with pytest.raises(ConfigError, match="config.json: ViTConfig is not a causal LM"):
+        load_quantized_base(str(tmp_path), cfg)
 
 
 def test_trust_remote_code_names_what_will_run(remote_code_base, tmp_path):

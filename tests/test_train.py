@@ -297,6 +297,45 @@ def test_adapter_trains_in_the_configured_dtype_not_trls_bf16(tmp_path, override
     assert adapter_dtype(cfg) == expected
 
 
+def tiny_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["experiment=tiny", *overrides])
+
+
+def test_the_4bit_base_read_tensor_by_tensor_is_transformers_own_load(tmp_path):
+    """load_quantized_base hands transformers slices read with pread instead of letting it map every
+    shard (mapped shards count in RSS until the load ends: 13 GB at 7B). The model must not change."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from pipeline.models import load_quantized_base
+
+    cfg = tiny_cfg()
+    base = build_tiny(tmp_path / "base")
+    ours = load_quantized_base(str(base), cfg)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization)),
+        dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
+        device_map={"": "cpu"},
+    )
+    assert type(ours) is type(theirs) and ours.name_or_path == str(base)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert any(t.dtype == torch.uint8 for t in ours_state.values())  # packed NF4 weights
+    for name, tensor in theirs_state.items():
+        assert ours_state[name].dtype == tensor.dtype and torch.equal(ours_state[name], tensor), name
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
 def test_adapter_dtype_out_of_range_is_one_line(tmp_path):
     result = run_pipeline(
         "stage=train",
