@@ -89,6 +89,17 @@ def test_the_merge_fold_holds_two_shards_and_the_adapter(full_width_run):
     assert 0 < added <= merge["fold_bound_mb"] + 1000, (added, merge["fold_bound_mb"])
 
 
+def test_the_4bit_load_does_not_hold_the_base_mapped(full_width_run):
+    """The 4-bit reference load reads the base tensor by tensor: its peak RSS is its anonymous memory
+    plus the libraries, not plus the base (transformers' own load maps every shard until it ends,
+    which put 13 GB of the 7B base in the merge's RSS)."""
+    run_dir, _ = full_width_run
+    merge = json.loads((run_dir / "metrics" / "merge.json").read_text())
+    base_mb = sum(f.stat().st_size for f in (run_dir / "base").glob("*.safetensors")) / 1e6
+    mapped = merge["phase_peak_rss_mb"]["4bit_reference"] - merge["phase_peak_anon_mb"]["4bit_reference"]
+    assert mapped < base_mb / 2, (mapped, base_mb)
+
+
 def test_the_merge_check_reads_what_does_not_fit_from_disk(full_width_run):
     run_dir, _ = full_width_run
     merge = json.loads((run_dir / "metrics" / "merge.json").read_text())
