@@ -13,7 +13,8 @@ do the same work:
   checks, the calibration text, the manifest and Python start-up), timed whole and by the seconds
   each stage records for its own work (without the start-up, a fixed cost of a few seconds that
   weighs on a tiny model and vanishes on a 7B).
-Rounds alternate between the two; the best round of each counts.
+Rounds alternate between the two; the best round of each counts. The scratch run's manifest starts
+with the hashes of merged/ and data/, which the merge and data stages record when they write them.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from pipeline.io import write_json
+    from pipeline.manifest import Manifest
     from pipeline.quantize import calibration_text
     from pipeline.rows import read_jsonl
     from pipeline.tokenizer import load_tokenizer
@@ -130,6 +133,11 @@ def main() -> None:
         scratch_run.mkdir()
         for part in ("merged", "data"):  # read only by both sides: linked, not copied (13.5 GB at 7B)
             (scratch_run / part).symlink_to((args.run_dir / part).resolve(), target_is_directory=True)
+        # In a pipeline run the merge and data stages hash what they wrote: convert starts from a
+        # manifest that has those hashes, and so does this run.
+        known = Manifest(scratch_run)
+        known.hashes([scratch_run / "merged", scratch_run / "data"])
+        write_json(known.path, known.data)
         tokenizer = load_tokenizer(scratch_run / "merged")
         rows = read_jsonl(scratch_run / "data" / "train.jsonl")
         text, _ = calibration_text(rows, tokenizer, cfg.export.imatrix.ctx * cfg.export.imatrix.chunks)

@@ -3,6 +3,12 @@ from which inputs under which config, plus the resolved config and the library v
 
 It is also how a stage knows it can be skipped: same config hash, same input hashes, and its
 outputs still on disk with the recorded hashes.
+
+Every file it hashes is listed under "hashed" with the size, inode and modification and change
+times it had then. A file whose four are unchanged is not read again (git's index and make trust
+the same): at 7B the merged model and the F16 GGUF are 13.5 GB each, and hashing them again at
+every stage that names them took about a minute and pushed the GGUF its next stage reads out of the
+page cache. Writing the file, or setting its modification time back, changes its change time.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ LIBRARIES = (
     "llama-cpp-python",
     "minijinja",
 )
+
+
+TIMESTAMP_TICK_NS = 50_000_000  # above the kernel's coarse clock tick (4 ms at HZ=250, 10 at 100)
 
 
 def library_versions(llamacpp_dir: str | None = None) -> dict:
@@ -82,6 +91,8 @@ def read_manifest(path: Path) -> dict:
         problem = 'expected an object with "artifacts" and "stages" objects'
     elif not isinstance(data.get("stages"), dict):
         problem = 'expected a "stages" object'
+    elif not isinstance(data.setdefault("hashed", {}), dict):  # absent from manifests before it
+        problem = 'expected a "hashed" object'
     else:
         for name, record in data["stages"].items():
             if not isinstance(record, dict) or any(
@@ -107,7 +118,7 @@ class Manifest:
         if self.path.exists():
             self.data = read_manifest(self.path)
         else:
-            self.data = {"artifacts": {}, "stages": {}}
+            self.data = {"artifacts": {}, "stages": {}, "hashed": {}}
 
     def rel(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.run_dir.resolve()).as_posix()
@@ -120,8 +131,27 @@ class Manifest:
                 key = self.rel(f)
             except ValueError:
                 key = str(f.resolve())
-            out[key] = sha256_file(f)
+            out[key] = self.digest(f, key)
         return out
+
+    def digest(self, path: Path, key: str) -> str:
+        """sha256 of a file: the one recorded under "hashed" while the file's stat is unchanged."""
+        stat = path.stat()
+        seen = {
+            "size": stat.st_size,
+            "inode": stat.st_ino,
+            "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns,
+        }
+        recorded = self.data["hashed"].get(key)
+        if isinstance(recorded, dict) and {k: recorded.get(k) for k in seen} == seen:
+            return recorded["sha256"]
+        digest = sha256_file(path)
+        # File times tick coarsely: a file changed within a tick of its hash could change again
+        # unseen, so it is hashed again next time (git's "racily clean" entries).
+        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > TIMESTAMP_TICK_NS:
+            self.data["hashed"][key] = {**seen, "sha256": digest}
+        return digest
 
     def is_fresh(self, stage: str, inputs: list[Path], stage_config) -> bool:
         record = self.data["stages"].get(stage)
@@ -134,7 +164,7 @@ class Manifest:
             path = self.run_dir / rel
             if artifact is None or not path.is_file() or path.stat().st_size != artifact["size"]:
                 return False
-            if sha256_file(path) != artifact["sha256"]:
+            if self.digest(path, rel) != artifact["sha256"]:
                 return False
         return True
 
@@ -159,7 +189,7 @@ class Manifest:
             earlier
         ):  # what an earlier run of the stage made stays listed while it is still on disk, unchanged
             path = self.run_dir / rel
-            if not path.is_file() or sha256_file(path) != self.data["artifacts"][rel]["sha256"]:
+            if not path.is_file() or self.digest(path, rel) != self.data["artifacts"][rel]["sha256"]:
                 del self.data["artifacts"][rel]
         for rel, digest in outputs_hashes.items():
             self.data["artifacts"][rel] = {
@@ -175,6 +205,9 @@ class Manifest:
             "inputs": self.hashes(inputs),
             "outputs": sorted(outputs_hashes),
             "metrics": metrics or {},
+        }
+        self.data["hashed"] = {  # files gone (an older run's GGUFs) are not listed
+            key: seen for key, seen in self.data["hashed"].items() if (self.run_dir / key).is_file()
         }
         self.data["config"] = full_config
         self.data["versions"] = library_versions((full_config.get("llamacpp") or {}).get("dir"))

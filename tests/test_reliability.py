@@ -560,6 +560,30 @@ def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected
     assert (run_dir / "manifest.json").read_text() == edit
 
 
+def test_the_manifest_reads_a_file_again_only_when_its_stat_changed(tmp_path):
+    """A 13.5 GB GGUF is hashed once, not at every stage that names it; any write shows in its stat."""
+    from pipeline.io import sha256_file
+    from pipeline.manifest import Manifest
+
+    run_dir = tmp_path / "run"
+    (run_dir / "gguf").mkdir(parents=True)
+    gguf, key = run_dir / "gguf" / "model.gguf", "gguf/model.gguf"
+    gguf.write_bytes(b"a" * 4096)
+    manifest = Manifest(run_dir)
+    assert manifest.hashes([gguf]) == {key: sha256_file(gguf)}
+    assert key not in manifest.data["hashed"]  # written within a clock tick: hashed again next time
+    time.sleep(0.1)
+    assert manifest.digest(gguf, key) == sha256_file(gguf) and key in manifest.data["hashed"]
+    manifest.data["hashed"][key]["sha256"] = "0" * 64  # planted: returned only if the file is not read
+    assert manifest.digest(gguf, key) == "0" * 64
+    before = gguf.stat()
+    with gguf.open("r+b") as f:  # same size, same inode, its modification time set back
+        f.write(b"b")
+    os.utime(gguf, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert gguf.stat().st_mtime_ns == before.st_mtime_ns
+    assert manifest.digest(gguf, key) == sha256_file(gguf) != "0" * 64
+
+
 def take_all_free_space(filler: Path) -> None:
     """Allocate every free byte of filler's file system to it, at once. The merge writes meanwhile,
     so a request for what was free a moment ago can fail: ask again for half, down to a page."""
