@@ -100,6 +100,13 @@ class TrainConfig:
     eval_max_new_tokens: int = 48
     # The dtype the LoRA weights train in; null: the base's bnb_4bit_compute_dtype (pipeline/train.py).
     adapter_dtype: Optional[str] = None
+    # How a step executes (pipeline/step_plan.py): sequences per optimizer step over all processes;
+    # per device per forward/backward (auto or a divisor); checkpointing (auto, true, false);
+    # transformers' attention kernel (auto, sdpa, flash_attention_2, eager). Any: "auto" or a value.
+    batch_size: int = 16
+    micro_batch_size: Any = "auto"
+    gradient_checkpointing: Any = "auto"
+    attn_implementation: str = "auto"
     quantization: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
@@ -274,6 +281,9 @@ def check_settings(cfg) -> None:
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(problem)
+    from pipeline.step_plan import check_step_settings
+
+    check_step_settings(cfg)
     if cfg.get("memory_limit") is not None:
         from pipeline.memory import parse_size
 

@@ -295,22 +295,47 @@ def adapted_4bit_bytes(shapes: dict, cfg) -> int:
     return nf4_model_bytes(shapes, compute) + lora_elements(shapes, cfg.train.lora.r) * 4
 
 
-def train_needs(shapes: dict, cfg) -> dict[str, int]:
-    """QLoRA training: the 4-bit base, the adapter with its gradients and AdamW state, and the
-    activations kept for the backward pass (every layer's, or one per layer with checkpointing)."""
-    sft = cfg.train.sft
+def train_activation_bytes(shapes: dict, cfg, micro_batch: int, checkpointing: bool) -> int:
+    """The activations one micro-batch keeps for its backward pass, at `train.max_length` tokens per
+    sequence (padding-free or padded, a sequence takes at most that). Per token and layer ~20
+    hidden-sized and ~5 intermediate-sized tensors are saved (attention and MLP inputs, norms, the
+    LoRA inputs); with checkpointing only each layer's input is, plus one layer's whole set while it
+    is recomputed. The head's float32 logits, softmax and gradient come on top."""
     compute = dtype_bytes(cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32")
     hidden = max((s[1] for n, s in shapes.items() if n.endswith("q_proj.weight")), default=0)
     inter = max((s[0] for n, s in shapes.items() if n.endswith("up_proj.weight")), default=0)
     layers = sum(1 for n in shapes if n.endswith("q_proj.weight"))
     vocab = shapes.get("lm_head.weight", [0])[0]
-    tokens = sft.get("per_device_train_batch_size", 1) * cfg.train.max_length
-    # Per token and layer: ~20 hidden-sized and ~5 intermediate-sized tensors are saved (attention
-    # and MLP inputs, norms, LoRA inputs); with checkpointing only the layer input is.
-    per_layer = (hidden if sft.get("gradient_checkpointing") else 20 * hidden + 5 * inter) * compute
-    activations = tokens * (layers * per_layer + 4 * vocab * 4)  # the float32 logits, softmax, grads
+    whole_layer = (20 * hidden + 5 * inter) * compute
+    kept = layers * hidden * compute + whole_layer if checkpointing else layers * whole_layer
+    return micro_batch * cfg.train.max_length * (kept + 4 * vocab * 4)
+
+
+def train_needs(shapes: dict, cfg, micro_batch: int, checkpointing: bool) -> dict[str, int]:
+    """QLoRA training: the 4-bit base, the adapter with its gradients and AdamW state, and the
+    activations of one micro-batch."""
+    compute = dtype_bytes(cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32")
     model = nf4_model_bytes(shapes, compute) + lora_elements(shapes, cfg.train.lora.r) * LORA_TRAIN_BYTES
+    activations = train_activation_bytes(shapes, cfg, micro_batch, checkpointing)
     return {"the 4-bit base, the adapter's training state and the activations": model + activations}
+
+
+def device_memory(cfg) -> tuple[int, str]:
+    """(bytes training may use on the device it runs on, where that figure comes from): a GPU's free
+    memory less a tenth for the allocator's fragmentation, else the machine's (`available_bytes`);
+    `memory_limit` caps either."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return available_bytes(cfg)
+    from accelerate import PartialState
+
+    device = PartialState().device
+    free = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    limit = cfg.get("memory_limit")
+    if limit is not None and parse_size(limit, "memory_limit") < free:
+        return parse_size(limit, "memory_limit"), f"memory_limit={limit}"
+    return free, f"free on {torch.cuda.get_device_name(device)} (less 10% for fragmentation)"
 
 
 def merge_needs(shapes: dict, cfg, max_shard_bytes: int, resident_bytes: int) -> dict[str, int]:

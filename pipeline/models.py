@@ -46,7 +46,7 @@ def causal_lm_class(config, base_dir: Path, trust_remote_code: bool):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
-def load_quantized_base(base: str, cfg):
+def load_quantized_base(base: str, cfg, attn_implementation: str | None = None):
     """The base in 4-bit with `train.quantization` (bitsandbytes), one full copy per process.
 
     transformers' own load maps every shard and unmaps them only when the load ends, so the whole
@@ -73,6 +73,7 @@ def load_quantized_base(base: str, cfg):
             quantization_config=quantization,
             dtype=getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype),
             device_map={"": PartialState().device},  # one full copy per process (DDP), CPU without a GPU
+            attn_implementation=attn_implementation,  # None: transformers' default (SDPA)
         )
     model.name_or_path = model.config.name_or_path = base  # what peft records as the adapter's base
     if (base_dir / "generation_config.json").is_file():

@@ -104,15 +104,28 @@ def stage_results(stages: dict) -> dict[str, str]:
         out["data"] = f"{m['data'].get('train_rows')} train / {m['data'].get('eval_rows')} eval rows"
     if "train" in m:
         t = m["train"]
-        accuracy = (t.get("answer_accuracy_trained") or {}).get("accuracy")
-        base = (t.get("answer_accuracy_untrained_base") or {}).get("accuracy")
+
+        def figures(key: str) -> dict:  # a dict, or "not run: <reason>" (FSDP)
+            return t.get(key) if isinstance(t.get(key), dict) else {}
+
+        accuracy = figures("answer_accuracy_trained").get("accuracy")
+        base = figures("answer_accuracy_untrained_base").get("accuracy")
         busy = t.get("cpu_cores_busy_with_other_work")
         out["train"] = f"{t.get('steps')} steps, {t.get('train_tokens_per_s') or 0:,.0f} train tokens/s" + (
             f" (other work kept {busy} cores busy)" if busy else ""
         )
+        step = figures("step")
+        if step:
+            out["train"] += (
+                f"; each step {step['batch_size']} sequences = {step['ranks']} process(es) x micro-batch "
+                f"{step['micro_batch_size']} x {step['gradient_accumulation_steps']} accumulated, "
+                f"{'padding-free' if step.get('padding_free') else 'padded'}, "
+                f"{step.get('attn_implementation')} attention, "
+                f"gradient checkpointing {'on' if step['gradient_checkpointing'] else 'off'}"
+            )
         if accuracy is not None:
             out["train"] += f", eval answer accuracy {accuracy:.2f} (untrained base {base:.2f})"
-        ppl = t.get("eval_perplexity") or {}
+        ppl = figures("eval_perplexity")
         if ppl.get("trained") is not None:
             out["train"] += f", eval perplexity {ppl['untrained_base']:.1f} -> {ppl['trained']:.1f}"
     if "merge" in m:

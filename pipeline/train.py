@@ -22,10 +22,11 @@ from pipeline.errors import ConfigError, MissingInput
 from pipeline.examples import encode_rows
 from pipeline.io import atomic_dir, write_json
 from pipeline.layout import RunDir
-from pipeline.memory import checkpoint_shapes, require_memory, train_needs
-from pipeline.models import load_quantized_base
+from pipeline.memory import tensor_shapes
+from pipeline.models import base_weight_files, load_quantized_base
 from pipeline.processes import process_state
 from pipeline.rows import read_jsonl
+from pipeline.step_plan import attention_implementation, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +103,79 @@ def sft_trainer(model, sft_config, lora_config, dataset, tokenizer, dtype: str, 
     return trainer
 
 
-def run(cfg, run_dir: Path) -> dict:
+def execution_plan(cfg, base: str, ranks: int) -> dict:
+    """pipeline.step_plan's plan for this base on this device, with the attention kernel, padding and
+    optimizer it runs with; logged, and recorded in metrics/train.json."""
+    revision = cfg.model.revision if cfg.model.tiny is None else None
+    shapes = tensor_shapes(base_weight_files(base, revision)[1])
+    plan = plan_step(cfg, shapes, ranks)
+    attention, attention_why = attention_implementation(cfg)
+    plan.update(
+        padding_free=bool(cfg.train.sft.get("padding_free")),
+        attn_implementation=attention,
+        attention_why=attention_why,
+        optim=cfg.train.sft.get("optim", "adamw_torch"),
+    )
+    log.info(
+        "each optimizer step: %d sequences = %d process(es) x micro-batch %d x %d accumulated; %s; "
+        "%s attention (%s); padding-free %s",
+        plan["batch_size"],
+        plan["ranks"],
+        plan["micro_batch_size"],
+        plan["gradient_accumulation_steps"],
+        plan["why"],
+        attention,
+        attention_why,
+        plan["padding_free"],
+    )
+    return plan
+
+
+def build_trainer(cfg, plan: dict, base: str, tokenizer, examples: list[dict], output_dir: Path, callbacks):
+    """trl's SFTTrainer for `examples` on the 4-bit base, executing steps as `plan` says."""
     import datasets
     from peft import LoraConfig
     from trl import SFTConfig
 
+    sft = OmegaConf.to_container(cfg.train.sft)
+    try:
+        sft_config = SFTConfig(
+            output_dir=str(output_dir),
+            # Rows are already cut to train.max_length by encode_rows; trl refuses a max_length it would
+            # not enforce (padding-free batches without packing).
+            max_length=None if sft.get("padding_free") and not sft.get("packing") else cfg.train.max_length,
+            include_num_input_tokens_seen="non_padding",
+            per_device_train_batch_size=plan["micro_batch_size"],
+            gradient_accumulation_steps=plan["gradient_accumulation_steps"],
+            activation_checkpointing=plan["gradient_checkpointing"],
+            **sft,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"train.sft: trl's SFTConfig refused it: {err}") from err
+    try:
+        lora_config = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"train.lora: peft's LoraConfig refused it: {err}") from err
+    model = load_quantized_base(base, cfg, attn_implementation=plan["attn_implementation"])
+    return sft_trainer(
+        model,
+        sft_config,
+        lora_config,
+        datasets.Dataset.from_list(examples),
+        tokenizer,
+        adapter_dtype(cfg),
+        callbacks=callbacks,
+    )
+
+
+def run(cfg, run_dir: Path) -> dict:
     from pipeline.evaluate import answer_accuracy
     from pipeline.fidelity import eval_sequences, hf_logits, perplexity
     from pipeline.tokenizer import build_tokenizer, save_tokenizer
 
     layout = RunDir.of(cfg, run_dir)
     state = process_state()
-    if state.distributed_type.name == "FSDP":
-        log.warning(
-            "FSDP-QLoRA is experimental: the adapter is saved by the main rank alone, not gathered by "
-            "every rank (see conf/accelerate/fsdp_qlora.yaml); check it with stage=merge"
-        )
+    sharded = state.distributed_type.name == "FSDP"
     checkpoint_dir = layout.checkpoints
     # The main process builds the tiny base and clears stale checkpoints; the others wait, then read.
     with state.main_process_first():
@@ -132,39 +190,18 @@ def run(cfg, run_dir: Path) -> dict:
     examples, encode_stats = encode_rows(train_rows, tokenizer, cfg.train.max_length)
     log.info("encoded %d training examples: %s", len(examples), encode_stats)
 
-    # The libraries validate their kwargs here, before anything on disk changes: a field trl or peft
-    # refuses must not cost the run's checkpoints.
-    sft = OmegaConf.to_container(cfg.train.sft)
-    try:
-        sft_config = SFTConfig(
-            output_dir=str(checkpoint_dir),
-            # Rows are already cut to train.max_length by encode_rows; trl refuses a max_length it would
-            # not enforce (padding-free batches without packing).
-            max_length=None if sft.get("padding_free") and not sft.get("packing") else cfg.train.max_length,
-            include_num_input_tokens_seen="non_padding",
-            **sft,
-        )
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"train.sft: trl's SFTConfig refused it: {err}") from err
-    try:
-        lora_config = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"train.lora: peft's LoraConfig refused it: {err}") from err
-
-    # Before the 4-bit load: a base this machine cannot hold refuses now, naming what it needs.
-    shapes = checkpoint_shapes(base)
-    memory = require_memory(cfg, "train", train_needs(shapes, cfg)) if shapes else {"checked": False}
-    model = load_quantized_base(base, cfg)
+    # How a step executes, from the estimate against this device, before the 4-bit load: a base that
+    # cannot fit refuses now, naming what it needs. The libraries validate their kwargs in
+    # build_trainer before anything on disk changes: a field trl or peft refuses costs no checkpoints.
+    plan = execution_plan(cfg, base, state.num_processes)
     throughput = ThroughputCallback()
-    trainer = sft_trainer(
-        model,
-        sft_config,
-        lora_config,
-        datasets.Dataset.from_list(examples),
-        tokenizer,
-        adapter_dtype(cfg),
-        callbacks=[throughput],
-    )
+    trainer = build_trainer(cfg, plan, base, tokenizer, examples, checkpoint_dir, callbacks=[throughput])
+    memory = {
+        "estimated_peak_bytes": plan["estimated_peak_bytes"],
+        "largest_phase": "the 4-bit base, the adapter's training state and the activations",
+        "memory_bytes": plan["memory_bytes"],
+        "memory_from": plan["memory_from"],
+    }
     # Only now, with the new run certain to start, may an older run's checkpoints go: a fresh start
     # must not mix with them. Every rank has read what it needs before the main one deletes.
     state.wait_for_everyone()
@@ -172,8 +209,14 @@ def run(cfg, run_dir: Path) -> dict:
         shutil.rmtree(checkpoint_dir)
     state.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume_from)
+    # Under FSDP each rank holds a shard of the adapter: every rank takes part in gathering it whole
+    # (accelerate's FULL_STATE_DICT, on the main rank), so the saved adapter is all of it.
+    adapter_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not state.is_main_process:
         return {}  # the main process evaluates and writes the adapter, once
+    if sharded:
+        figures = {"step": plan, "memory_estimate": memory, "resumed_from": resume_from, **throughput.figures}
+        return save_sharded_run(trainer, adapter_state, tokenizer, sp_model, layout, figures)
 
     # Evaluated only after training: bitsandbytes repacks 4-bit weights for its CPU inference
     # kernel on the first no-grad forward pass, and that kernel has no backward.
@@ -204,6 +247,7 @@ def run(cfg, run_dir: Path) -> dict:
         save_tokenizer(tokenizer, sp_model, tmp)
 
     metrics = {
+        "step": plan,
         "adapter_dtype": adapter_dtype(cfg),
         "encode": encode_stats,
         "steps": trainer.state.global_step,
@@ -222,6 +266,30 @@ def run(cfg, run_dir: Path) -> dict:
             "rows": len(sequences),
             "tokens": sum(len(s.targets) for s in sequences),
         },
+    }
+    write_json(layout.metrics("train"), metrics)
+    return metrics
+
+
+def save_sharded_run(trainer, adapter_state, tokenizer, sp_model, layout, figures: dict) -> dict:
+    """FSDP: the gathered adapter and the training figures. The answer accuracy and perplexity are not
+    measured here: a forward pass of the sharded model needs every rank, and the others have
+    returned; stage=merge checks the adapter against the base and smoke evaluates the merged model."""
+    from pipeline.tokenizer import save_tokenizer
+
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    with atomic_dir(layout.adapter) as tmp:
+        peft_model.save_pretrained(tmp, state_dict=adapter_state)
+        save_tokenizer(tokenizer, sp_model, tmp)
+    not_run = "not run: the model is sharded across processes (FSDP); stage=merge and smoke evaluate it"
+    metrics = {
+        **figures,
+        "steps": trainer.state.global_step,
+        "loss_curve": [
+            {"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e
+        ],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "evaluation": not_run,
     }
     write_json(layout.metrics("train"), metrics)
     return metrics

@@ -59,8 +59,11 @@ def test_defaults_are_the_qlora_guanaco_7b_recipe(default_cfg):
     assert sft.lr_scheduler_type == "constant"
     assert sft.max_grad_norm == pytest.approx(0.3)
     assert sft.optim == "paged_adamw_32bit"
-    assert sft.per_device_train_batch_size == 1
-    assert sft.gradient_accumulation_steps == 16
+    # The paper's 16 sequences per optimizer step; how they are split is chosen per device.
+    assert cfg.train.batch_size == 16
+    assert cfg.train.micro_batch_size == "auto" and cfg.train.gradient_checkpointing == "auto"
+    assert sft.padding_free is True and sft.packing is False
+    assert sft.train_sampling_strategy == "group_by_length"
     assert sft.max_steps == 1875
     assert sft.seed == 0
     assert sft.bf16 is True
@@ -77,7 +80,7 @@ def test_tiny_experiment_is_cpu_safe(tiny_cfg):
     assert cfg.train.quantization.bnb_4bit_compute_dtype == "float32"
     assert cfg.train.sft.optim == "adamw_torch"
     assert cfg.train.sft.bf16 is False
-    assert cfg.train.sft.gradient_checkpointing is False
+    assert cfg.train.micro_batch_size == "auto" and cfg.train.batch_size == 16
     # the experiment overrides single keys: the rest of the recipe is still merged in
     assert cfg.train.quantization.bnb_4bit_quant_type == "nf4"
     assert cfg.train.lora.r == 64
@@ -166,3 +169,96 @@ def test_every_stage_in_the_stage_table_can_be_named_on_the_command_line():
     from pipeline.stages import STAGES
 
     assert [s.value for s in Stage] == [*STAGES, "all"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# How a step executes (pipeline/step_plan.py): the planner against device sizes, at Llama-2-7B's shape
+
+
+def plan_for(size_gb: float, *overrides: str, ranks: int = 1) -> dict:
+    from pipeline.step_plan import LLAMA2_7B_SHAPES, plan_step
+
+    return plan_step(compose_cfg(*overrides), LLAMA2_7B_SHAPES, ranks, memory=(int(size_gb * 1e9), "test"))
+
+
+def test_the_plan_keeps_16_sequences_per_step_and_takes_the_largest_micro_batch_that_fits():
+    from pipeline.memory import PROCESS_BYTES, train_needs
+    from pipeline.step_plan import LLAMA2_7B_SHAPES
+
+    cfg = compose_cfg()
+    plans = {size: plan_for(size) for size in (16, 24, 40, 80, 200)}
+    for size, plan in plans.items():
+        assert plan["micro_batch_size"] * plan["gradient_accumulation_steps"] == 16, size
+        assert plan["estimated_peak_bytes"] <= size * 1e9, size
+        assert not plan["gradient_checkpointing"], size  # each fits micro-batch 1 without it
+        bigger = plan["micro_batch_size"] * 2
+        if bigger <= 16:  # the next divisor up would not have fit
+            need = max(train_needs(LLAMA2_7B_SHAPES, cfg, bigger, False).values()) + PROCESS_BYTES
+            assert need > size * 1e9, size
+    micro = [plans[size]["micro_batch_size"] for size in sorted(plans)]
+    assert micro == sorted(micro) and micro[0] < micro[-1] == 16
+
+
+def test_checkpointing_comes_on_only_when_no_micro_batch_fits_without_it():
+    from pipeline.memory import NoMemory
+
+    lean = plan_for(9)
+    assert lean["gradient_checkpointing"] and lean["micro_batch_size"] >= 1
+    assert "gradient checkpointing on: without it even micro-batch 1 would need" in lean["why"]
+    with pytest.raises(
+        NoMemory, match=r"^stage train needs about .* \(micro-batch 1, gradient checkpointing on:"
+    ):
+        plan_for(5)
+
+
+def test_explicit_settings_and_the_lean_recipe_are_taken_as_given():
+    lean = plan_for(80, "train=qlora_lean")
+    assert (lean["micro_batch_size"], lean["gradient_accumulation_steps"]) == (1, 16)
+    assert lean["gradient_checkpointing"] and "set by train.micro_batch_size" in lean["why"]
+    assert compose_cfg("train=qlora_lean").train.sft.optim == "paged_adamw_32bit"
+    fixed = plan_for(80, "train.micro_batch_size=4", "train.gradient_checkpointing=false")
+    assert (
+        fixed["micro_batch_size"],
+        fixed["gradient_accumulation_steps"],
+        fixed["gradient_checkpointing"],
+    ) == (
+        4,
+        4,
+        False,
+    )
+
+
+def test_ranks_share_the_16_sequences():
+    plan = plan_for(80, ranks=2)
+    assert plan["ranks"] * plan["micro_batch_size"] * plan["gradient_accumulation_steps"] == 16
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.batch_size=16: not divisible by the 3 processes"):
+        plan_for(80, ranks=3)
+    with pytest.raises(
+        ConfigError, match=r"train.micro_batch_size=16: expected a divisor of the 8 sequences"
+    ):
+        plan_for(80, "train.micro_batch_size=16", ranks=2)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.micro_batch_size=3", "train.micro_batch_size=3: expected a divisor of train.batch_size=16"),
+        ("train.micro_batch_size=many", "train.micro_batch_size=many: expected auto or a positive number"),
+        ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing=sometimes: expected auto"),
+        ("train.attn_implementation=magic", "train.attn_implementation=magic: expected one of auto, sdpa"),
+        (
+            "+train.sft.per_device_train_batch_size=4",
+            "train.sft.per_device_train_batch_size: set train.batch_size",
+        ),
+    ],
+)
+def test_step_settings_out_of_range_are_one_line(override, expected, tmp_path: Path):
+    result = run_pipeline(
+        "stage=data", "experiment=tiny", override, f"run_dir={tmp_path / 'run'}", check=False
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {expected}"), last
+    assert not (tmp_path / "run" / "data").exists()
