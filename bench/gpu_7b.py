@@ -1,21 +1,27 @@
-"""The 7B recipe on a GPU: train, merge, convert and quantize a Llama-2-7B-shaped model, each against a
-plain baseline measured in the same run.
+"""The 7B recipe on a GPU: the train stage against its peers in one run, then merge, convert and
+quantize, each against a plain baseline measured in the same run.
 
-    python bench/gpu_7b.py [--layers 32] [--steps 20] [--seq-len 512] [--work DIR] [--out FILE]
+    python bench/gpu_7b.py [--layers 32] [--steps 6] [--seq-len 512] [--work DIR] [--out FILE]
     python bench/gpu_7b.py --cpu-check              # the whole code path on a CPU, reduced shape
-    python bench/gpu_7b.py --train-only --steps 10  # step 1 alone (fits one 10-minute GPU command)
+    python bench/gpu_7b.py --train-only --steps 6   # the train comparison alone (one 10-minute command)
 
 No download: the base is a random-init model with Llama-2-7B's exact config (`LLAMA2_7B`; `--layers`
 keeps every width and shortens the stack). It has the real 32,000-piece Llama-2 tokenizer when
 `--tokenizer` (default ../shared/data/llama2-tokenizer/tokenizer.model) exists, else a small
 SentencePiece trained on the rows (the vocabulary stays 32,000 wide either way). Rows are guanaco-
-shaped single exchanges of about `--seq-len` tokens.
+shaped single exchanges of varied length, from a tenth of `--seq-len` tokens to all of it (where
+padding costs most, as in guanaco), the same rows and seed for every run.
 
-1. train: the train stage exactly as `python -m pipeline stage=train` runs it with the default recipe
-   (conf/train/qlora.yaml: NF4, double quant, r=64 on all linear layers, paged AdamW 32-bit, bf16,
-   gradient checkpointing), `--steps` optimizer steps; against a plain trl QLoRA script: the same
-   4-bit base and LoRA, SFTConfig's defaults otherwise, trl tokenizing `messages` itself. Train
-   tokens/s and peak GPU memory (torch's max allocated) for both.
+1. train, each in its own process on the same base, rows and seed, `--steps` optimizer steps:
+   (a) the stage at its defaults (conf/train/qlora.yaml: 16 sequences per step split as the memory
+       estimate allows, padding-free, checkpointing only if needed, flash-attn if installed else SDPA);
+   (b) the stage executing the paper literally (train=qlora_lean: 1 x 16, checkpointing, paged AdamW);
+   (c) plain trl: SFTTrainer with SFTConfig's defaults, the same 4-bit base and LoRA, trl tokenizing
+       `messages` itself;
+   (d) unsloth, where it is installed in this Python (FastLanguageModel, the same LoRA, rows and step
+       split as (a)); otherwise reported as not run, with the reason.
+   For each: non-padding tokens/s over train time and peak GPU memory (torch's max allocated); and the
+   per-step loss of (a) against (b). Targets: (a) >= 1.5x (c); (b) <= 0.8x (c)'s memory; (a) >= (d).
 2. merge on the CPU: the project's shard-by-shard merge against peft's `merge_and_unload` +
    `save_pretrained` (bench/merge_memory.py's workers): peak RSS and wall time.
 3. convert and quantize to Q4_K_M: the stages' wall time (from the manifest).
@@ -25,9 +31,9 @@ stage's after-training eval has nothing to run; merge, convert and quantize need
 The results (JSON, `--out`) are rewritten after each part, so a later failure keeps the earlier figures,
 with the package versions and, on a GPU, `nvidia-smi`'s name and memory of it.
 
-`--cpu-check` runs every step on the CPU with one layer, 64-token rows, 2 steps and CPU-safe
-settings (fp32 compute, plain AdamW: paged optimizers and bf16 training need CUDA). It proves the
-code path; its figures are not a benchmark. Anchors for the real run (not ours): LLaMA-Factory's
+`--cpu-check` runs every step on the CPU with one layer, 64-token rows, 2 steps of 4 sequences and
+CPU-safe settings (fp32 compute, plain AdamW: paged optimizers and bf16 training need CUDA). It proves
+the code path; its figures are not a benchmark. Anchors for the real run (not ours): LLaMA-Factory's
 table for LLaMA-2-7B, 4-bit, r=8, batch 4, 1,024 tokens on an A100: HF 2,415 tokens/s and 9 GB,
 unsloth 3,726 tokens/s and 7 GB; the QLoRA paper: about 5 GB for Guanaco-7B.
 """
@@ -69,9 +75,11 @@ CPU_OVERRIDES = [
     "train.sft.bf16=false",
     "train.quantization.bnb_4bit_compute_dtype=float32",
     "train.sft.optim=adamw_torch",
-    "train.sft.gradient_accumulation_steps=1",
+    "train.batch_size=4",
     "merge.dtype=float32",
 ]
+# (b): the recipe as the paper's script executes it (conf/train/qlora_lean.yaml).
+LEAN = ["train=qlora_lean"]
 WORDS = (
     "the a model answer question data river city light energy music history garden simple "
     "because however language people small large write read explain example result method"
@@ -79,19 +87,28 @@ WORDS = (
 
 
 def guanaco_rows(count: int, words_per_row: int, seed: int = 0) -> list[dict]:
+    """Single exchanges of varied length: from a tenth of `words_per_row` words to all of them."""
     rng = random.Random(seed)
 
     def text(n: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+        return " ".join(rng.choice(WORDS) for _ in range(max(n, 1))).capitalize() + "."
 
-    question = words_per_row // 4
-    return [
-        {"text": f"### Human: {text(question)} ### Assistant: {text(words_per_row - question)}"}
-        for _ in range(count)
-    ]
+    rows = []
+    for _ in range(count):
+        words = int(words_per_row * rng.uniform(0.1, 1.0))
+        question = max(words // 4, 2)
+        rows.append({"text": f"### Human: {text(question)} ### Assistant: {text(words - question)}"})
+    return rows
 
 
-def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None) -> dict:
+def full_length_row(words: int) -> dict:
+    """One exchange of exactly `words` words (the longest a row gets)."""
+    rng = random.Random(1)
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return {"text": f"### Human: {text[: len(text) // 4]} ### Assistant: {text[len(text) // 4 :]}"}
+
+
+def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None, rows_count: int) -> dict:
     """The random 7B-shaped base (fp16 safetensors + tokenizer) and the rows file."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,15 +127,17 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None) -
         tokenizer_model = sp_dir / "tokenizer.model"
         train_sentencepiece(corpus, 256, tokenizer_model)
     tokenizer = build_tokenizer(tokenizer_model)
-    # Rows whose one exchange is just under seq_len tokens (the train stage drops longer ones).
+
+    # The longest row just under seq_len tokens (the train stage drops longer ones).
+    def tokens(words: int) -> int:
+        return len(encode_dialog(parse_guanaco_text(full_length_row(words)["text"]), tokenizer))
+
     words = 8
-    while (
-        len(encode_dialog(parse_guanaco_text(guanaco_rows(1, words * 2)[0]["text"]), tokenizer)) < seq_len - 8
-    ):
+    while tokens(words * 2) < seq_len - 8:
         words *= 2
-    while len(encode_dialog(parse_guanaco_text(guanaco_rows(1, words)[0]["text"]), tokenizer)) > seq_len - 8:
+    while tokens(words) > seq_len - 8:
         words = int(words * 0.9)
-    rows = guanaco_rows(64, words)
+    rows = guanaco_rows(rows_count, words)
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if not (base / "config.json").is_file():
         config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers})
@@ -143,7 +162,8 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None) -
     return {
         "layers": layers,
         "fp16_bytes": params,
-        "rows_words": words,
+        "rows_words_max": words,
+        "rows": rows_count,
         "build_s": time.perf_counter() - started,
     }
 
@@ -158,23 +178,67 @@ def pipeline_stage(stage: str, run_dir: Path, overrides: list[str]) -> dict:
     return manifest["stages"][stage]
 
 
-def run_baseline(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> dict:
+def project_train(run_dir: Path, overrides: list[str]) -> dict:
+    """The train stage in its own process: its figures, how it executed a step, its per-step loss."""
+    record = pipeline_stage("train", run_dir, overrides)
+    metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
+    step = metrics["step"]
+    return {
+        **{
+            k: metrics[k]
+            for k in ("train_tokens_per_s", "train_tokens", "train_seconds", "peak_gpu_memory_gb")
+        },
+        "optim": step["optim"],
+        "gradient_checkpointing": step["gradient_checkpointing"],
+        "batch": step["batch_size"],
+        "split": f"{step['micro_batch_size']} x {step['gradient_accumulation_steps']}",
+        "padding_free": step["padding_free"],
+        "attention": step["attn_implementation"],
+        "why": step["why"],
+        "loss_curve": metrics["loss_curve"],
+        "stage_seconds": record["seconds"],
+    }
+
+
+def run_worker(flag: str, run_dir: Path, args) -> dict:
+    """This script's `flag` worker (the trl baseline, unsloth) in its own process; its last line."""
     command = [
         sys.executable,
         __file__,
-        "--baseline",
+        flag,
         str(run_dir),
         "--steps",
-        str(steps),
+        str(args.steps),
         "--seq-len",
-        str(seq_len),
+        str(args.seq_len),
     ]
     result = subprocess.run(
-        command + (["--cpu-check"] if cpu else []), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+        command + (["--cpu-check"] if args.cpu_check else []),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     if result.returncode != 0:
-        raise SystemExit(f"trl baseline failed ({result.returncode}): its log is above")
+        raise SystemExit(f"{flag} worker failed ({result.returncode}): its log is above")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def unsloth_or_reason(run_dir: Path, args) -> dict:
+    """(d): unsloth where this Python has it and a GPU runs it; otherwise why not."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("unsloth") is None:
+        return {
+            "not_run": "unsloth is not installed in this Python (it pins transformers<=5.17, trl<=1.15 and "
+            "datasets<5; its wheel, 28.6 MB, and bitsandbytes', 43 MB, alone exceed the 64 MiB one "
+            "device call carries)"
+        }
+    if not torch.cuda.is_available():
+        return {"not_run": "unsloth needs a CUDA GPU"}
+    return run_worker("--unsloth", run_dir, args)
 
 
 def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
@@ -211,6 +275,7 @@ def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
         max_length=seq_len,
         report_to="none",
         save_strategy="no",
+        logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         **extra,
     )
@@ -224,17 +289,90 @@ def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
         callbacks=[throughput],
     )
     trainer.train()
+    print(json.dumps(trainer_summary(trainer, args, throughput)))
+
+
+def trainer_summary(trainer, args, throughput) -> dict:
+    """The figures a worker reports, as project_train reports the stage's."""
     figures = throughput.figures
     summary = {
         k: figures[k] for k in ("train_tokens_per_s", "train_tokens", "train_seconds", "peak_gpu_memory_gb")
     }
     summary.update(
         steps=trainer.state.global_step,
-        optim=str(args.optim),
-        gradient_checkpointing=args.gradient_checkpointing,
+        optim=str(getattr(args.optim, "value", args.optim)),
+        gradient_checkpointing=bool(args.gradient_checkpointing),
         batch=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        split=f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",
+        padding_free=bool(args.padding_free),
+        loss_curve=[{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
     )
-    print(json.dumps(summary))
+    return summary
+
+
+def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
+    """(d) unsloth (its own process, GPU only): its 4-bit load and LoRA with the recipe's LoRA config,
+    the step split, optimizer and learning rate stage (a) chose, on the same rows, through trl."""
+    # unsloth first: it patches transformers and trl as it is imported.
+    import unsloth  # noqa: I001
+    from unsloth import FastLanguageModel
+
+    import datasets
+    import torch
+    from hydra import compose, initialize_config_dir
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.config import register
+    from pipeline.rows import read_jsonl
+    from pipeline.train import ThroughputCallback
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config")
+    step = json.loads((run_dir / "metrics" / "train.json").read_text())["step"]
+    lora = cfg.train.lora
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(run_dir.parent / "base"),
+        max_seq_length=seq_len,
+        load_in_4bit=True,
+        dtype=torch.bfloat16,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        bias="none",
+        use_gradient_checkpointing="unsloth" if step["gradient_checkpointing"] else False,
+        random_state=0,
+    )
+    rows = read_jsonl(run_dir / "data" / "train.jsonl")
+    args = SFTConfig(
+        output_dir=str(run_dir / "unsloth-checkpoints"),
+        max_steps=steps,
+        max_length=seq_len,
+        per_device_train_batch_size=step["micro_batch_size"],
+        gradient_accumulation_steps=step["gradient_accumulation_steps"],
+        learning_rate=cfg.train.sft.learning_rate,
+        optim=cfg.train.sft.optim,
+        padding_free=step["padding_free"],
+        bf16=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+    )
+    throughput = ThroughputCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows]),
+        processing_class=tokenizer,
+        callbacks=[throughput],
+    )
+    trainer.train()
+    print(json.dumps({**trainer_summary(trainer, args, throughput), "unsloth": unsloth.__version__}))
 
 
 def merge_workers(work: Path, run_dir: Path) -> dict:
@@ -280,7 +418,7 @@ def environment() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
     parser.add_argument("--work", type=Path, help="work dir (default: a new temp dir, kept)")
@@ -297,12 +435,16 @@ def main() -> None:
         help="pipeline overrides for the project's stages, replacing the bench's own for the same key",
     )
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: the trl script
+    parser.add_argument("--unsloth", type=Path, help=argparse.SUPPRESS)  # internal: the unsloth script
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.cpu_check:
         args.layers, args.seq_len, args.steps = min(args.layers, 1), min(args.seq_len, 64), min(args.steps, 2)
     if args.baseline:
         baseline_main(args.baseline, args.steps, args.seq_len, args.cpu_check)
+        return
+    if args.unsloth:
+        unsloth_main(args.unsloth, args.steps, args.seq_len)
         return
 
     import torch
@@ -328,7 +470,8 @@ def main() -> None:
 
     save()
     print(f"building the {args.layers}-layer Llama-2-7B-shaped base in {work} ...", file=sys.stderr)
-    results["base"] = build(work, args.layers, args.seq_len, tokenizer)
+    # Enough rows for every step's 16 sequences to be new ones.
+    results["base"] = build(work, args.layers, args.seq_len, tokenizer, rows_count=16 * (args.steps + 2))
     results["base"]["tokenizer"] = (
         str(tokenizer) if tokenizer else "small SentencePiece (no Llama-2 tokenizer.model)"
     )
@@ -355,25 +498,18 @@ def main() -> None:
     overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced] + args.set
     results["overrides"] = args.set
     pipeline_stage("data", run_dir, overrides)
-    print("train: the project's stage ...", file=sys.stderr)
-    train = pipeline_stage("train", run_dir, overrides)
-    figures = train["metrics"]
-    sft = json.loads((run_dir / "manifest.json").read_text())["config"]["train"]["sft"]
-    results["train"] = {
-        "project": {
-            **{
-                k: figures[k]
-                for k in ("train_tokens_per_s", "train_tokens", "train_seconds", "peak_gpu_memory_gb")
-            },
-            "optim": sft["optim"],
-            "gradient_checkpointing": sft["gradient_checkpointing"],
-            "batch": sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"],
-        },
-        "stage_seconds": train["seconds"],
-    }
-    save()
+    lean_dir = work / "run-lean"
+    pipeline_stage("data", lean_dir, overrides)
+    results["train"] = {}
+    for name, directory, extra in (("project", run_dir, []), ("project_lean", lean_dir, LEAN)):
+        print(f"train: {name} ...", file=sys.stderr)
+        results["train"][name] = project_train(directory, overrides + extra)
+        save()
     print("train: the plain trl script ...", file=sys.stderr)
-    results["train"]["trl"] = run_baseline(run_dir, args.steps, args.seq_len, args.cpu_check)
+    results["train"]["trl"] = run_worker("--baseline", run_dir, args)
+    save()
+    print("train: unsloth ...", file=sys.stderr)
+    results["train"]["unsloth"] = unsloth_or_reason(run_dir, args)
     save()
     if args.train_only:
         print(json.dumps(results))
@@ -391,22 +527,65 @@ def main() -> None:
 
 
 def report(r: dict) -> str:
-    project, trl = r["train"]["project"], r["train"]["trl"]
+    train = r["train"]
+    project, lean, trl, unsloth = (train[k] for k in ("project", "project_lean", "trl", "unsloth"))
 
     def gb(x):
         return "-" if x is None else f"{x:.1f} GB"
 
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}x" if a.get(key) and b.get(key) else "-"
+
+    names = {
+        "project": "(a) stage, defaults",
+        "project_lean": "(b) stage, paper literal (lean)",
+        "trl": "(c) plain trl, SFTConfig defaults",
+        "unsloth": "(d) unsloth",
+    }
     lines = [
         f"\n{r['mode']} on {r['device']}: {r['base']['layers']}-layer Llama-2-7B shape, "
-        f"{r['base']['fp16_bytes'] / 1e9:.1f} GB fp16",
-        f"{'train':<30} {'tokens/s':>10} {'peak GPU':>10} {'batch':>6}  optimizer",
-        *(
-            f"{name:<30} {t['train_tokens_per_s']:>10.1f} {gb(t['peak_gpu_memory_gb']):>10} "
-            f"{t['batch']:>6}  {t['optim']}"
-            for name, t in (("project (qlora.yaml)", project), ("plain trl (SFTConfig defaults)", trl))
-        ),
-        f"ratio (project / trl): {project['train_tokens_per_s'] / trl['train_tokens_per_s']:.2f}x tokens/s",
+        f"{r['base']['fp16_bytes'] / 1e9:.1f} GB fp16, {r['steps']} steps, "
+        f"rows of up to {r['seq_len']} tokens",
+        f"{'train':<36} {'tokens/s':>9} {'vs (c)':>7} {'peak GPU':>9} {'vs (c)':>7} {'split':>7} "
+        f"{'pad-free':>8} {'ckpt':>5}  optimizer",
     ]
+    for key, name in names.items():
+        t = train[key]
+        if "not_run" in t:
+            lines.append(f"{name:<36} not run: {t['not_run']}")
+            continue
+        lines.append(
+            f"{name:<36} {t['train_tokens_per_s']:>9.1f} {ratio(t, trl, 'train_tokens_per_s'):>7} "
+            f"{gb(t['peak_gpu_memory_gb']):>9} {ratio(t, trl, 'peak_gpu_memory_gb'):>7} {t['split']:>7} "
+            f"{'yes' if t['padding_free'] else 'no':>8} {'on' if t['gradient_checkpointing'] else 'off':>5}  "
+            f"{t['optim']}"
+        )
+    lines.append(f"(a) chose: {project['why']}; {project['attention']} attention")
+    a_loss = {e["step"]: e["loss"] for e in project["loss_curve"]}
+    b_loss = {e["step"]: e["loss"] for e in lean["loss_curve"]}
+    shared = sorted(set(a_loss) & set(b_loss))
+    if shared:
+        diffs = [abs(a_loss[s] - b_loss[s]) for s in shared]
+        lines.append(
+            f"per-step loss, (a) vs (b) over steps {shared[0]}-{shared[-1]}: max |diff| {max(diffs):.4f}, "
+            f"mean |diff| {sum(diffs) / len(diffs):.4f}; (a) "
+            + " ".join(f"{a_loss[s]:.4f}" for s in shared)
+            + "; (b) "
+            + " ".join(f"{b_loss[s]:.4f}" for s in shared)
+        )
+    speed = project["train_tokens_per_s"] / trl["train_tokens_per_s"]
+    targets = [f"(a)/(c) tokens/s {speed:.2f}x (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'})"]
+    if lean.get("peak_gpu_memory_gb") and trl.get("peak_gpu_memory_gb"):
+        memory = lean["peak_gpu_memory_gb"] / trl["peak_gpu_memory_gb"]
+        targets.append(
+            f"(b)/(c) memory {memory:.2f}x (target <= 0.8: {'met' if memory <= 0.8 else 'NOT met'})"
+        )
+    if "not_run" not in unsloth:
+        versus = project["train_tokens_per_s"] / unsloth["train_tokens_per_s"]
+        targets.append(
+            f"(a)/(d) tokens/s {versus:.2f}x (target >= 1.0: {'met' if versus >= 1.0 else 'NOT met'})"
+        )
+    lines.append("targets: " + "; ".join(targets))
     if "merge" in r:
         ours, peft = r["merge"]["project"], r["merge"]["peft"]
         lines.append(

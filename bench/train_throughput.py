@@ -1,13 +1,16 @@
-"""Train tokens/s of the project's train stage against a plain trl SFTTrainer script.
+"""Train tokens/s of the project's train stage against a plain trl SFTTrainer script and a plain
+PyTorch loop (the ceiling), on the CPU.
 
-    python bench/train_throughput.py [--steps N] [--repeats R] [--work DIR]
+    python bench/train_throughput.py [--experiment tiny guanaco_tiny] [--steps N] [--repeats R] [--work DIR]
 
-In one run, on the same tiny model and data (the `experiment=tiny` data stage and tiny base, built
-once into a work dir and copied into every run dir), it measures:
+For each experiment (default: `tiny`, then `guanaco_tiny` where ../shared has the real guanaco rows
+and Llama-2 tokenizer: varied lengths, where padding costs most), on the same model and data (its
+data stage and tiny base, built once into a work dir and copied into every run dir), it measures:
 
-- the project: `python -m pipeline stage=train experiment=tiny train.sft.max_steps=N`, and its
-  `train.sft.packing=true` and `train.sft.padding_free=true` variants; figures from
-  metrics/train.json (`train_tokens_per_s`);
+- the project: `python -m pipeline stage=train experiment=E train.sft.max_steps=N` at its defaults
+  (padding-free), and its padded (`train.sft.padding_free=false`) variant side by side; on `tiny`
+  also `train.sft.packing=true` and the adapter in bf16; figures from metrics/train.json
+  (`train_tokens_per_s`);
 - a plain trl baseline: SFTTrainer with SFTConfig defaults except output_dir, max_steps=N,
   report_to=none, the project's per-device batch size and no packing (plus bf16=False, which a CPU
   needs: SFTConfig's bf16 default raises "Your setup doesn't support bf16/gpu" without a GPU). The
@@ -45,23 +48,25 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 BASELINE = "trl SFTTrainer defaults"
 PROJECT_VARIANTS = {
-    "project": [],
+    "project (padding-free)": [],
+    "project padded": ["train.sft.padding_free=false"],
     # trl's own cast kept: the adapter in bf16 (fast only where the CPU has native bf16).
     "project adapter bf16": ["train.adapter_dtype=bfloat16"],
     "project packing": ["train.sft.packing=true"],
-    "project padding_free": ["train.sft.padding_free=true"],
 }
+EXPERIMENTS = ("tiny", "guanaco_tiny")
+SHARED = Path(os.environ.get("PIPELINE_SHARED_DIR", ROOT.parent / "shared"))
 
 
-def compose_tiny(run_dir: Path):
-    """The resolved `experiment=tiny` config, composed exactly as the CLI composes it."""
+def compose_experiment(experiment: str, run_dir: Path):
+    """The resolved `experiment=...` config, composed exactly as the CLI composes it."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["experiment=tiny", f"run_dir={run_dir}"])
+        return compose("config", overrides=[f"experiment={experiment}", f"run_dir={run_dir}"])
 
 
 def last_line(text: str) -> str:
@@ -69,21 +74,21 @@ def last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def build_source(work: Path) -> Path:
+def build_source(work: Path, experiment: str) -> Path:
     """Data stage via the CLI, then the tiny base via pipeline.tiny, into work/source."""
     from pipeline.rows import read_jsonl
     from pipeline.tiny import build_tiny_base
 
     source = work / "source"
     subprocess.run(
-        [sys.executable, "-m", "pipeline", "stage=data", "experiment=tiny", f"run_dir={source}"],
+        [sys.executable, "-m", "pipeline", "stage=data", f"experiment={experiment}", f"run_dir={source}"],
         cwd=ROOT,
         env=ENV,
         check=True,
         capture_output=True,
         text=True,
     )
-    cfg = compose_tiny(source)
+    cfg = compose_experiment(experiment, source)
     rows = read_jsonl(source / "data" / "train.jsonl")
     build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, rows, source / "base")
     return source
@@ -131,7 +136,7 @@ def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     return result, {"wall_s": wall, "other_cores": max(others, 0.0)}
 
 
-def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+def run_project(experiment: str, source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
     fresh_run_dir(source, run_dir)
     result, extra = measured(
         [
@@ -139,7 +144,7 @@ def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -
             "-m",
             "pipeline",
             "stage=train",
-            "experiment=tiny",
+            f"experiment={experiment}",
             f"run_dir={run_dir}",
             f"train.sft.max_steps={steps}",
             "train.eval_max_rows=1",
@@ -158,9 +163,20 @@ def run_project(source: Path, run_dir: Path, steps: int, overrides: list[str]) -
     }
 
 
-def run_baseline(source: Path, run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> dict:
+def run_baseline(
+    experiment: str, source: Path, run_dir: Path, steps: int, gradient_checkpointing: bool | None
+) -> dict:
     fresh_run_dir(source, run_dir)
-    cmd = [sys.executable, __file__, "--baseline", str(run_dir), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--baseline",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--experiment",
+        experiment,
+    ]
     if gradient_checkpointing is not None:
         cmd += ["--gradient-checkpointing", str(gradient_checkpointing).lower()]
     result, extra = measured(cmd)
@@ -169,7 +185,7 @@ def run_baseline(source: Path, run_dir: Path, steps: int, gradient_checkpointing
     return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
 
 
-def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> None:
+def baseline_main(experiment: str, run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> None:
     """The plain trl script (runs in its own process)."""
     import datasets
     import torch
@@ -181,7 +197,7 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
     from pipeline.rows import read_jsonl
     from pipeline.train import ThroughputCallback
 
-    cfg = compose_tiny(run_dir)
+    cfg = compose_experiment(experiment, run_dir)
     base = str(run_dir / "base")
     tokenizer = AutoTokenizer.from_pretrained(base)  # carries the Llama-2 chat template
     model = AutoModelForCausalLM.from_pretrained(
@@ -197,7 +213,7 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
         output_dir=str(run_dir / "checkpoints"),
         max_steps=steps,
         report_to="none",
-        per_device_train_batch_size=cfg.train.sft.per_device_train_batch_size,
+        per_device_train_batch_size=cfg.train.batch_size,
         packing=False,
         include_num_input_tokens_seen="non_padding",
         bf16=False,  # SFTConfig's default (True) raises on a machine without a GPU
@@ -227,7 +243,7 @@ def baseline_main(run_dir: Path, steps: int, gradient_checkpointing: bool | None
     )
 
 
-def plain_main(run_dir: Path, steps: int) -> None:
+def plain_main(experiment: str, run_dir: Path, steps: int) -> None:
     """The ceiling (runs in its own process): a plain PyTorch loop, no Trainer and no trl, over the
     project's 4-bit base and LoRA config, the stage's own encoded rows in batches of the stage's size
     (padded to the longest row, loss on the answer tokens), torch's AdamW at the stage's learning rate."""
@@ -242,7 +258,7 @@ def plain_main(run_dir: Path, steps: int) -> None:
     from pipeline.rows import read_jsonl
     from pipeline.tokenizer import build_tokenizer
 
-    cfg = compose_tiny(run_dir)
+    cfg = compose_experiment(experiment, run_dir)
     tokenizer = build_tokenizer(run_dir / "base" / "tokenizer.model")
     rows = read_jsonl(run_dir / "data" / "train.jsonl")
     examples, _ = encode_rows(rows, tokenizer, cfg.train.max_length)
@@ -250,7 +266,7 @@ def plain_main(run_dir: Path, steps: int) -> None:
     model = get_peft_model(load_quantized_base(str(run_dir / "base"), cfg), lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.sft.learning_rate)
-    batch, rng = cfg.train.sft.per_device_train_batch_size, random.Random(0)
+    batch, rng = cfg.train.batch_size, random.Random(0)
 
     def collate(picked: list[dict]) -> dict:
         width = max(len(e["input_ids"]) for e in picked)
@@ -287,9 +303,19 @@ def plain_main(run_dir: Path, steps: int) -> None:
     )
 
 
-def run_plain(source: Path, run_dir: Path, steps: int) -> dict:
+def run_plain(experiment: str, source: Path, run_dir: Path, steps: int) -> dict:
     fresh_run_dir(source, run_dir)
-    result, extra = measured([sys.executable, __file__, "--plain", str(run_dir), "--steps", str(steps)])
+    command = [
+        sys.executable,
+        __file__,
+        "--plain",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--experiment",
+        experiment,
+    ]
+    result, extra = measured(command)
     if result.returncode != 0:
         return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
     return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
@@ -339,6 +365,8 @@ RUNS = {
     "trl defaults, no grad ckpt": ("trl", False),
     CEILING: ("plain", None),
 }
+# On the real guanaco rows: padding-free and padded side by side, against both baselines.
+GUANACO_RUNS = ("project (padding-free)", "project padded", BASELINE, CEILING)
 
 
 def main() -> None:
@@ -354,52 +382,74 @@ def main() -> None:
         help="before each run, wait up to this many s for other processes to leave the CPUs (default 60)",
     )
     parser.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed afterwards)")
+    parser.add_argument(
+        "--experiment",
+        nargs="+",
+        choices=EXPERIMENTS,
+        help="experiments to measure (default: tiny, and guanaco_tiny where ../shared has its rows)",
+    )
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the trl script
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], help=argparse.SUPPRESS)
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="measure only these runs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    experiment = (args.experiment or ["tiny"])[0]
     if args.baseline:
         gc = None if args.gradient_checkpointing is None else args.gradient_checkpointing == "true"
-        baseline_main(args.baseline, args.steps, gc)
+        baseline_main(experiment, args.baseline, args.steps, gc)
         return
     if args.plain:
-        plain_main(args.plain, args.steps)
+        plain_main(experiment, args.plain, args.steps)
         return
-    runs = {name: RUNS[name] for name in args.only} if args.only else RUNS
-
-    batch = compose_tiny(Path("unused")).train.sft.per_device_train_batch_size
+    experiments = args.experiment or [
+        e
+        for e in EXPERIMENTS
+        if e == "tiny" or (SHARED / "data" / "guanaco" / "oa_questions.jsonl").is_file()
+    ]
     work = args.work or Path(tempfile.mkdtemp(prefix="train-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {name: [] for name in runs}
     cpu = cpu_description()
     print(json.dumps(cpu), file=sys.stderr)
     try:
-        print(f"building tiny data and base in {work} ...", file=sys.stderr)
-        source = build_source(work)
-        for round_ in range(args.repeats):
-            for i, (name, (kind, option)) in enumerate(runs.items()):
-                busy = settle(args.settle)
-                progress = f"[{round_ + 1}/{args.repeats}] {name} ({args.steps} steps, CPUs {busy:.0f}% busy)"
-                print(progress, "...", file=sys.stderr)
-                run_dir = work / f"run-{i}"
-                if kind == "project":
-                    result = run_project(source, run_dir, args.steps, option)
-                elif kind == "plain":
-                    result = run_plain(source, run_dir, args.steps)
-                else:
-                    result = run_baseline(source, run_dir, args.steps, option)
-                results[name].append(result)
-                print(f"    {json.dumps(result)}", file=sys.stderr)
+        for experiment in experiments:
+            runs = {
+                name: run
+                for name, run in RUNS.items()
+                if (not args.only or name in args.only) and (experiment == "tiny" or name in GUANACO_RUNS)
+            }
+            results = measure(experiment, runs, work / experiment, args)
+            batch = compose_experiment(experiment, Path("unused")).train.batch_size
+            print_table(experiment, results, args.steps, batch, cpu)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results), file=sys.stderr)
-    print_table(results, args.steps, batch, cpu)
 
 
-def print_table(results: dict[str, list[dict]], steps: int, batch: int, cpu: dict) -> None:
+def measure(experiment: str, runs: dict, work: Path, args) -> dict[str, list[dict]]:
+    """Every run of `runs`, in `args.repeats` interleaved rounds, on one built source."""
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    print(f"building the {experiment} data and base in {work} ...", file=sys.stderr)
+    source = build_source(work, experiment)
+    for round_ in range(args.repeats):
+        for i, (name, (kind, option)) in enumerate(runs.items()):
+            busy = settle(args.settle)
+            progress = f"[{round_ + 1}/{args.repeats}] {experiment}: {name} ({args.steps} steps"
+            print(f"{progress}, CPUs {busy:.0f}% busy) ...", file=sys.stderr)
+            run_dir = work / f"run-{i}"
+            if kind == "project":
+                result = run_project(experiment, source, run_dir, args.steps, option)
+            elif kind == "plain":
+                result = run_plain(experiment, source, run_dir, args.steps)
+            else:
+                result = run_baseline(experiment, source, run_dir, args.steps, option)
+            results[name].append(result)
+            print(f"    {json.dumps(result)}", file=sys.stderr)
+    print(json.dumps({experiment: results}), file=sys.stderr)
+    return results
+
+
+def print_table(experiment: str, results: dict[str, list[dict]], steps: int, batch: int, cpu: dict) -> None:
     def best(runs):
         ok = [r for r in runs if "error" not in r]
         return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
@@ -413,7 +463,7 @@ def print_table(results: dict[str, list[dict]], steps: int, batch: int, cpu: dic
         f"{flag} {'yes' if cpu[flag] else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     )
     print(
-        f"\nTrain throughput, tiny model (experiment=tiny), {steps} steps per run, batch {batch}, "
+        f"\nTrain throughput, tiny model (experiment={experiment}), {steps} steps per run, batch {batch}, "
         f"best of {rounds_run} interleaved round(s)"
         f"\nCPU: {cpu['cpu']}, {cpu['cores']} cores; {flags}; "
         f"torch CPU capability {cpu['torch_cpu_capability']}, "
