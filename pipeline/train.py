@@ -175,7 +175,6 @@ def run(cfg, run_dir: Path) -> dict:
 
     layout = RunDir.of(cfg, run_dir)
     state = process_state()
-    sharded = state.distributed_type.name == "FSDP"
     checkpoint_dir = layout.checkpoints
     # The main process builds the tiny base and clears stale checkpoints; the others wait, then read.
     with state.main_process_first():
@@ -196,6 +195,9 @@ def run(cfg, run_dir: Path) -> dict:
     plan = execution_plan(cfg, base, state.num_processes)
     throughput = ThroughputCallback()
     trainer = build_trainer(cfg, plan, base, tokenizer, examples, checkpoint_dir, callbacks=[throughput])
+    # What accelerate made of the launch: NO, MULTI_GPU, MULTI_CPU (gloo), FSDP, ... (it runs FSDP
+    # only on GPU-type devices: an FSDP config launched on CPU ranks trains as MULTI_CPU data parallel).
+    plan["distributed"] = trainer.accelerator.distributed_type.value
     memory = {
         "estimated_peak_bytes": plan["estimated_peak_bytes"],
         "largest_phase": "the 4-bit base, the adapter's training state and the activations",
@@ -211,6 +213,7 @@ def run(cfg, run_dir: Path) -> dict:
     trainer.train(resume_from_checkpoint=resume_from)
     # Under FSDP each rank holds a shard of the adapter: every rank takes part in gathering it whole
     # (accelerate's FULL_STATE_DICT, on the main rank), so the saved adapter is all of it.
+    sharded = trainer.is_fsdp_enabled
     adapter_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not state.is_main_process:
         return {}  # the main process evaluates and writes the adapter, once

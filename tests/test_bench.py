@@ -44,16 +44,24 @@ def test_gpu_7b_bench_runs_its_whole_path_on_a_cpu(tmp_path, llamacpp: LlamaCpp)
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "rms_norm_eps"):
         assert config[key] == gpu_7b.LLAMA2_7B[key], key  # real widths, fewer layers
     assert config["num_hidden_layers"] == r["base"]["layers"] == 1
-    for name in ("project", "trl"):
+    for name in ("project", "project_lean", "trl"):
         train = r["train"][name]
         assert train["train_tokens"] > 0 and train["train_tokens_per_s"] > 0, (name, train)
         assert train["peak_gpu_memory_gb"] is None  # no GPU: not reported as a figure
-    assert r["train"]["project"]["gradient_checkpointing"] is True  # the recipe's setting, kept on a CPU
+    # (a) the defaults split the step as memory allows; (b) executes the paper's script literally
+    project, lean = r["train"]["project"], r["train"]["project_lean"]
+    assert project["split"] == "4 x 1" and project["padding_free"] and not project["gradient_checkpointing"]
+    assert lean["split"] == "1 x 4" and lean["gradient_checkpointing"] and lean["batch"] == project["batch"]
+    # the same math: per-step losses of (a) and (b) agree (float32 on a CPU)
+    for a, b in zip(project["loss_curve"], lean["loss_curve"], strict=True):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-3, (a, b)
+    assert r["train"]["unsloth"]["not_run"]  # no unsloth here: reported, not measured
+    assert "per-step loss, (a) vs (b)" in result.stdout and "(d) unsloth" in result.stdout
     for method in ("project", "peft"):
         assert r["merge"][method]["seconds"] > 0 and r["merge"][method]["peak_rss_mb"] > 0
     assert set(r["stages"]) == {"merge", "convert", "quantize"}
     assert any(name.endswith("-Q4_K_M.gguf") for name in r["gguf_bytes"])
-    assert "ratio (project / trl)" in result.stdout
+    assert "targets: (a)/(c) tokens/s" in result.stdout
 
 
 @pytest.mark.slow

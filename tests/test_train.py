@@ -402,6 +402,25 @@ def test_train_metrics(tiny_run):
     assert metrics["answer_accuracy_trained"]["accuracy"] >= 0.9
     assert metrics["answer_accuracy_untrained_base"]["accuracy"] <= 0.1
     assert metrics["answer_accuracy_trained"]["checked"] > 0
+    # How each step executed, and why: the whole batch of 16 fits this machine in one micro-batch,
+    # padding-free, without checkpointing; SDPA (no flash-attn on a CPU).
+    step = metrics["step"]
+    assert (
+        step["batch_size"],
+        step["ranks"],
+        step["micro_batch_size"],
+        step["gradient_accumulation_steps"],
+    ) == (
+        16,
+        1,
+        16,
+        1,
+    )
+    assert (
+        step["padding_free"] and step["attn_implementation"] == "sdpa" and not step["gradient_checkpointing"]
+    )
+    assert step["why"].startswith("micro-batch 16: the whole per-process batch fits")
+    assert "gradient checkpointing off: the activations fit without it" in step["why"]
 
 
 @pytest.mark.slow
@@ -586,8 +605,11 @@ def short_train(run_dir: Path, monkeypatch, *overrides: str) -> dict:
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     manifest = read_json(run_dir / "manifest.json")
     for override in overrides:
-        key, value = override.removeprefix("train.sft.").split("=")
-        assert manifest["config"]["train"]["sft"][key] is (value == "true")
+        key, value = override.split("=")
+        node = manifest["config"]
+        for part in key.split("."):
+            node = node[part]
+        assert str(node).lower() == value, (key, node)
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".log", ".yaml", ".md", ".txt"}:
             assert token not in path.read_text(encoding="utf-8", errors="replace"), path
@@ -605,10 +627,20 @@ def test_packing_trains(tmp_path, monkeypatch):
     tokenizer = build_tokenizer(run_dir / "base" / "tokenizer.model")
     rows = read_jsonl(run_dir / "data" / "train.jsonl")
     examples, _ = encode_rows(rows, tokenizer, metrics["encode"]["max_length"])
-    batch = read_json(run_dir / "manifest.json")["config"]["train"]["sft"]["per_device_train_batch_size"]
+    batch = metrics["step"]["micro_batch_size"]
     assert metrics["train_tokens"] > metrics["steps"] * batch * max(len(e["input_ids"]) for e in examples)
 
 
 @pytest.mark.slow
-def test_padding_free_trains(tmp_path, monkeypatch):
-    short_train(tmp_path / "run", monkeypatch, "train.sft.padding_free=true")
+def test_padded_batches_and_the_lean_split_train(tmp_path, monkeypatch):
+    """The script's padded batches, one sequence at a time with checkpointing: still 16 per step."""
+    metrics = short_train(
+        tmp_path / "run",
+        monkeypatch,
+        "train.sft.padding_free=false",
+        "train.micro_batch_size=1",
+        "train.gradient_checkpointing=true",
+    )
+    step = metrics["step"]
+    assert (step["micro_batch_size"], step["gradient_accumulation_steps"]) == (1, 16)
+    assert step["gradient_checkpointing"] and not step["padding_free"]
