@@ -107,6 +107,7 @@ class TrainConfig:
     micro_batch_size: Any = "auto"
     gradient_checkpointing: Any = "auto"
     attn_implementation: str = "auto"
+    fused_lm_head: Any = "auto"  # trl's chunked LM-head loss (auto: where Triton runs it) or the model's own
     quantization: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)

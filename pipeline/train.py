@@ -26,7 +26,7 @@ from pipeline.memory import tensor_shapes
 from pipeline.models import base_weight_files, load_quantized_base
 from pipeline.processes import process_state
 from pipeline.rows import read_jsonl
-from pipeline.step_plan import attention_implementation, plan_step
+from pipeline.step_plan import attention_implementation, fused_lm_head, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,14 @@ def adapter_dtype(cfg) -> str:
     return cfg.train.adapter_dtype or cfg.train.quantization.get("bnb_4bit_compute_dtype") or "float32"
 
 
-def sft_trainer(model, sft_config, lora_config, dataset, tokenizer, dtype: str, callbacks):
-    """trl's SFTTrainer over the 4-bit base, with the adapter's trainable weights in `dtype`."""
+def sft_trainer(
+    model, sft_config, lora_config, dataset, tokenizer, dtype: str, callbacks, fused_lm_head=True
+):
+    """trl's SFTTrainer over the 4-bit base, with the adapter's trainable weights in `dtype`; without
+    `fused_lm_head`, the loss is the model's own (see StageTrainer)."""
     import torch
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(
+    trainer = stage_trainer_class(fused_lm_head)(
         model=model,
         args=sft_config,
         train_dataset=dataset,
@@ -103,6 +105,25 @@ def sft_trainer(model, sft_config, lora_config, dataset, tokenizer, dtype: str, 
     return trainer
 
 
+def stage_trainer_class(fused_lm_head: bool):
+    """trl's SFTTrainer, or one whose loss is transformers' own `Trainer.compute_loss`: the model's
+    cross-entropy over its full logits, summed over the answer tokens and divided by the Trainer's
+    `num_items_in_batch`, the normalisation trl's chunked LM head uses (pipeline.step_plan.fused_lm_head)."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if fused_lm_head:
+        return SFTTrainer
+
+    class StageTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(
+                self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch
+            )
+
+    return StageTrainer
+
+
 def execution_plan(cfg, base: str, ranks: int) -> dict:
     """pipeline.step_plan's plan for this base on this device, with the attention kernel, padding and
     optimizer it runs with; logged, and recorded in metrics/train.json."""
@@ -110,15 +131,18 @@ def execution_plan(cfg, base: str, ranks: int) -> dict:
     shapes = tensor_shapes(base_weight_files(base, revision)[1])
     plan = plan_step(cfg, shapes, ranks)
     attention, attention_why = attention_implementation(cfg)
+    fused, fused_why = fused_lm_head(cfg)
     plan.update(
         padding_free=bool(cfg.train.sft.get("padding_free")),
         attn_implementation=attention,
         attention_why=attention_why,
+        fused_lm_head=fused,
+        loss_why=fused_why,
         optim=cfg.train.sft.get("optim", "adamw_torch"),
     )
     log.info(
         "each optimizer step: %d sequences = %d process(es) x micro-batch %d x %d accumulated; %s; "
-        "%s attention (%s); padding-free %s",
+        "%s attention (%s); padding-free %s; loss: %s",
         plan["batch_size"],
         plan["ranks"],
         plan["micro_batch_size"],
@@ -127,6 +151,7 @@ def execution_plan(cfg, base: str, ranks: int) -> dict:
         attention,
         attention_why,
         plan["padding_free"],
+        fused_why,
     )
     return plan
 
@@ -165,6 +190,7 @@ def build_trainer(cfg, plan: dict, base: str, tokenizer, examples: list[dict], o
         tokenizer,
         adapter_dtype(cfg),
         callbacks=callbacks,
+        fused_lm_head=plan["fused_lm_head"],
     )
 
 

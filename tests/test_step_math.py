@@ -4,11 +4,12 @@ Llama-2 tokenizer and the stage's own trainer (`pipeline.train.build_trainer`):
 
 - a padding-free batch (flattened, position ids, no attention mask) gives the padded batch's loss on
   every token and its LoRA gradients, with PyTorch SDPA and eager attention: transformers builds the
-  block-diagonal mask from the position ids. Control: the same flattened batch with one run of
+  block-diagonal mask from the position ids; trl's chunked LM-head loss (the GPU path) and the model's
+  own (the CPU path, `train.fused_lm_head`) agree. Control: the same flattened batch with one run of
   position ids (the mechanism removed) lets sequences see each other, and the losses move far past
   the tolerance;
 - 16 x 1, 4 x 4 and 1 x 16 (micro-batch x accumulation) give the same adapter after 3 optimizer
-  steps: trl's chunked LM-head loss is summed over the accumulation window and divided by
+  steps, through either loss: each sums over the accumulation window's answer tokens and divides by
   transformers' `num_items_in_batch`. Control: 1 x 16 with that normalisation removed (the Trainer's
   per-micro-batch mean, `model_accepts_loss_kwargs=False`) lands far from 16 x 1.
 
@@ -97,6 +98,7 @@ def relative(a: dict, b: dict, reference: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attention):
+    from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from pipeline.examples import IGNORE_INDEX
@@ -104,6 +106,7 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attenti
     _, _, tokenizer, examples = guanaco
     trainer, plan = trainer_for(guanaco, "train.micro_batch_size=4", f"train.attn_implementation={attention}")
     assert plan["padding_free"] and plan["attn_implementation"] == attention
+    assert not plan["fused_lm_head"]  # on a CPU the stage's loss is the model's own
     model = trainer.model
     model.train()
     generator = torch.Generator().manual_seed(0)
@@ -122,10 +125,10 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attenti
     assert "attention_mask" not in free and free["input_ids"].shape == (1, sum(lengths))
     assert int(padded["attention_mask"].sum()) == sum(lengths) < padded["input_ids"].numel()
 
-    def loss_and_grads(batch):
+    def loss_and_grads(batch, compute_loss=trainer.compute_loss):
         model.zero_grad(set_to_none=True)
         items = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())  # as the Trainer counts them
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)  # what training runs
+        loss = compute_loss(model, dict(batch), num_items_in_batch=items)  # what training runs
         loss.backward()
         # The per-token losses of the fused LM head trl's loss sums (with grad: bitsandbytes' CPU
         # inference kernel, taken on a no-grad forward, has no backward).
@@ -141,6 +144,13 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attenti
     assert abs(loss_free - loss_padded) < LOSS_TOLERANCE
     assert all(g.abs().sum() > 0 for g in grads_padded.values())
     assert relative(grads_free, grads_padded, grads_padded) < RELATIVE_TOLERANCE
+    # trl's chunked LM-head loss (the GPU path) on the same batches: the same loss and gradients.
+    for batch, loss, grads in ((free, loss_free, grads_free), (padded, loss_padded, grads_padded)):
+        trl_loss, _, trl_grads = loss_and_grads(
+            batch, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)
+        )
+        assert abs(trl_loss - loss) < LOSS_TOLERANCE
+        assert relative(trl_grads, grads, grads) < RELATIVE_TOLERANCE
 
     # Control: one run of position ids over the flattened rows: no boundaries to build the mask from.
     broken = {**free, "position_ids": torch.arange(free["input_ids"].shape[1])[None]}
@@ -152,10 +162,13 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attenti
 
 
 @pytest.mark.slow
-def test_the_split_of_a_step_does_not_change_the_adapter(guanaco):
+@pytest.mark.parametrize("fused_lm_head", ["false", "true"])
+def test_the_split_of_a_step_does_not_change_the_adapter(guanaco, fused_lm_head):
+    loss = f"train.fused_lm_head={fused_lm_head}"
     adapters, inits = {}, {}
     for micro in (16, 4, 1):
-        trainer, plan = trainer_for(guanaco, f"train.micro_batch_size={micro}")
+        trainer, plan = trainer_for(guanaco, f"train.micro_batch_size={micro}", loss)
+        assert plan["fused_lm_head"] is (fused_lm_head == "true")
         assert (plan["micro_batch_size"], plan["gradient_accumulation_steps"]) == (micro, 16 // micro)
         inits[micro] = lora_weights(trainer.model)
         trainer.train()
@@ -168,7 +181,7 @@ def test_the_split_of_a_step_does_not_change_the_adapter(guanaco):
 
     # Control: 1 x 16 with each micro-batch's mean loss averaged over the window (the normalisation
     # over the window's tokens removed) trains another adapter.
-    trainer, _ = trainer_for(guanaco, "train.micro_batch_size=1")
+    trainer, _ = trainer_for(guanaco, "train.micro_batch_size=1", loss)
     trainer.model_accepts_loss_kwargs = False  # the Trainer then passes no num_items_in_batch
     trainer.train()
     assert relative(lora_weights(trainer.model), adapters[16], update) > 10 * RELATIVE_TOLERANCE
