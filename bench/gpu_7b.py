@@ -194,6 +194,7 @@ def project_train(run_dir: Path, overrides: list[str]) -> dict:
         "split": f"{step['micro_batch_size']} x {step['gradient_accumulation_steps']}",
         "padding_free": step["padding_free"],
         "attention": step["attn_implementation"],
+        "loss": step["loss_why"],
         "why": step["why"],
         "loss_curve": metrics["loss_curve"],
         "stage_seconds": record["seconds"],
@@ -560,7 +561,7 @@ def report(r: dict) -> str:
             f"{'yes' if t['padding_free'] else 'no':>8} {'on' if t['gradient_checkpointing'] else 'off':>5}  "
             f"{t['optim']}"
         )
-    lines.append(f"(a) chose: {project['why']}; {project['attention']} attention")
+    lines.append(f"(a) chose: {project['why']}; {project['attention']} attention; {project['loss']}")
     a_loss = {e["step"]: e["loss"] for e in project["loss_curve"]}
     b_loss = {e["step"]: e["loss"] for e in lean["loss_curve"]}
     shared = sorted(set(a_loss) & set(b_loss))

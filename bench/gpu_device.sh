@@ -2,6 +2,7 @@
 # bench/gpu_7b.py on a GPU machine that has torch and no network, in one command.
 #
 #   bash bench/gpu_device.sh fetch              # here, with the package index: the wheels it lacks -> .whl/
+#                                               # (for the device's Python 3.12; PYTHON_VERSION=3.11 to rehearse here)
 #   bash bench/gpu_device.sh run [ARGS...]      # there: install .whl/ beside its torch, run the bench
 #
 # `run` passes ARGS to bench/gpu_7b.py (default: --train-only --steps 6) and writes the results to
@@ -27,7 +28,7 @@ fetch)
         spec="$(pinned "$name")"
         [ -n "$spec" ] || { echo "error: constraints.txt pins no $name" >&2; exit 1; }
         # A pure-Python sdist (antlr4-python3-runtime) is built into a wheel here; the rest are wheels.
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${PYTHON_VERSION:-3.12}" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$spec" 2>/dev/null ||
             python3 -m pip wheel -q --no-deps -w .whl "$spec"

@@ -121,7 +121,8 @@ def stage_results(stages: dict) -> dict[str, str]:
                 f"{step['micro_batch_size']} x {step['gradient_accumulation_steps']} accumulated, "
                 f"{'padding-free' if step.get('padding_free') else 'padded'}, "
                 f"{step.get('attn_implementation')} attention, "
-                f"gradient checkpointing {'on' if step['gradient_checkpointing'] else 'off'}"
+                f"gradient checkpointing {'on' if step['gradient_checkpointing'] else 'off'}, "
+                f"{'trl chunked LM-head' if step.get('fused_lm_head') else 'model'} loss"
             )
         if accuracy is not None:
             out["train"] += f", eval answer accuracy {accuracy:.2f} (untrained base {base:.2f})"

@@ -262,3 +262,31 @@ def test_step_settings_out_of_range_are_one_line(override, expected, tmp_path: P
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {expected}"), last
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_the_fits_table_in_the_docs_is_what_the_estimate_prints():
+    """README and docs/train_step.md quote `python -m pipeline.step_plan` for 16-80 GB GPUs."""
+    import re
+    import subprocess
+    import sys
+
+    tables = (ROOT / "README.md").read_text() + (ROOT / "docs" / "train_step.md").read_text()
+    for overrides, column in (([], 1), (["train=qlora_lean"], 2)):
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline.step_plan", *overrides], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        plans = re.findall(
+            r"(\d+)GB: micro-batch (\d+) x (\d+), checkpointing (on|off), estimated ([\d.]+) GB", out
+        )
+        assert len(plans) == 4, out
+        for size, micro, accumulation, checkpointing, gb in plans:
+            ckpt = "checkpointing" if checkpointing == "on" else "no checkpointing"
+            cell = f"{micro} x {accumulation}, {ckpt}, {gb} GB"
+            rows = [line for line in tables.splitlines() if line.startswith(f"| {size} GB |")]
+            assert rows and all(
+                cell in row.split("|")[column + 1] or "same" in row.split("|")[column + 1] for row in rows
+            ), (
+                size,
+                cell,
+                rows,
+            )

@@ -621,10 +621,11 @@ def test_a_disk_that_fills_up_during_the_merge_is_one_line_and_loses_nothing(tin
     _, stderr = merge.communicate(timeout=300)
     assert merge.returncode == 1, stderr[-3000:]
     line = last_line(stderr)
-    assert line.startswith(f"error: {run_dir}/.merged.tmp-") and "no space left on the device" in line, (
-        stderr[-3000:]
-    )
-    assert "the stage needs about" in line and "the merged model in float32" in line, line
+    # Usually the shard being written hits the full disk; when the filler wins the race while the
+    # stage writes elsewhere in the run dir, the line names that path instead. Either is one line.
+    assert line.startswith(f"error: {run_dir}") and "no space left on the device" in line, stderr[-3000:]
+    if line.startswith(f"error: {run_dir}/.merged.tmp-"):
+        assert "the stage needs about" in line and "the merged model in float32" in line, line
     assert "Traceback" not in stderr
     assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged.*"))
     assert (run_dir / "manifest.json").read_bytes() == manifest
