@@ -168,10 +168,10 @@ def why(cfg, per_rank: int, micro: int, checkpointing: bool, need, have: int, so
             f"gradient checkpointing {'on' if checkpointing else 'off'}: set by train.gradient_checkpointing"
         )
     elif checkpointing:
+        smallest = 1 if cfg.train.micro_batch_size == AUTO else micro
         ckpt_part = (
-            "gradient checkpointing on: without it even micro-batch "
-            f"{min(divisors(per_rank)) if cfg.train.micro_batch_size == AUTO else micro} would need "
-            f"{human(need(micro, False))}"
+            f"gradient checkpointing on: without it even micro-batch {smallest} would need "
+            f"{human(need(smallest, False))}"
         )
     else:
         ckpt_part = "gradient checkpointing off: the activations fit without it"
