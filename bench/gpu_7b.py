@@ -242,59 +242,49 @@ def unsloth_or_reason(run_dir: Path, args) -> dict:
     return run_worker("--unsloth", run_dir, args)
 
 
-def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
-    """A plain trl QLoRA script (its own process): the recipe's 4-bit base and LoRA, SFTConfig defaults."""
-    import datasets
-    import torch
+def compose_config(overrides: list[str]):
+    """The pipeline's config, composed as the CLI composes it."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
 
     from pipeline.config import register
-    from pipeline.rows import read_jsonl
-    from pipeline.train import ThroughputCallback
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=CPU_OVERRIDES if cpu else [])
-    base = str(run_dir.parent / "base")
-    quantization = OmegaConf.to_container(cfg.train.quantization)
-    model = AutoModelForCausalLM.from_pretrained(
-        base,
-        quantization_config=BitsAndBytesConfig(**quantization),
-        dtype=getattr(torch, quantization["bnb_4bit_compute_dtype"]),
-        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
-    )
+        return compose("config", overrides=overrides)
+
+
+def train_with_trl(
+    run_dir: Path, name: str, model, tokenizer, steps: int, seq_len: int, peft_config=None, **sft
+):
+    """trl's SFTTrainer on the run's rows (as `messages`: trl tokenizes them itself) for `steps` steps;
+    the figures as project_train reports the stage's. `sft`: SFTConfig fields beyond the common ones."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.rows import read_jsonl
+    from pipeline.train import ThroughputCallback
+
     rows = read_jsonl(run_dir / "data" / "train.jsonl")
-    dataset = datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows])
-    extra = {"bf16": False} if cpu else {}  # SFTConfig's bf16 default raises without a GPU
     args = SFTConfig(
-        output_dir=str(run_dir / "trl-checkpoints"),
+        output_dir=str(run_dir / f"{name}-checkpoints"),
         max_steps=steps,
         max_length=seq_len,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
-        **extra,
+        **sft,
     )
     throughput = ThroughputCallback()
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(base),
-        peft_config=LoraConfig(**OmegaConf.to_container(cfg.train.lora)),
+        train_dataset=datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=[throughput],
     )
     trainer.train()
-    print(json.dumps(trainer_summary(trainer, args, throughput)))
-
-
-def trainer_summary(trainer, args, throughput) -> dict:
-    """The figures a worker reports, as project_train reports the stage's."""
     figures = throughput.figures
     summary = {
         k: figures[k] for k in ("train_tokens_per_s", "train_tokens", "train_seconds", "peak_gpu_memory_gb")
@@ -311,6 +301,32 @@ def trainer_summary(trainer, args, throughput) -> dict:
     return summary
 
 
+def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
+    """A plain trl QLoRA script (its own process): the recipe's 4-bit base and LoRA, SFTConfig defaults."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cfg = compose_config(CPU_OVERRIDES if cpu else [])
+    base = str(run_dir.parent / "base")
+    quantization = OmegaConf.to_container(cfg.train.quantization)
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=BitsAndBytesConfig(**quantization),
+        dtype=getattr(torch, quantization["bnb_4bit_compute_dtype"]),
+        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+    )
+    extra = {"bf16": False} if cpu else {}  # SFTConfig's bf16 default raises without a GPU
+    lora = LoraConfig(**OmegaConf.to_container(cfg.train.lora))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    print(
+        json.dumps(
+            train_with_trl(run_dir, "trl", model, tokenizer, steps, seq_len, peft_config=lora, **extra)
+        )
+    )
+
+
 def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
     """(d) unsloth (its own process, GPU only): its 4-bit load and LoRA with the recipe's LoRA config,
     the step split, optimizer and learning rate stage (a) chose, on the same rows, through trl."""
@@ -318,18 +334,9 @@ def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
     import unsloth  # noqa: I001
     from unsloth import FastLanguageModel
 
-    import datasets
     import torch
-    from hydra import compose, initialize_config_dir
-    from trl import SFTConfig, SFTTrainer
 
-    from pipeline.config import register
-    from pipeline.rows import read_jsonl
-    from pipeline.train import ThroughputCallback
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config")
+    cfg = compose_config([])
     step = json.loads((run_dir / "metrics" / "train.json").read_text())["step"]
     lora = cfg.train.lora
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -348,32 +355,21 @@ def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
         use_gradient_checkpointing="unsloth" if step["gradient_checkpointing"] else False,
         random_state=0,
     )
-    rows = read_jsonl(run_dir / "data" / "train.jsonl")
-    args = SFTConfig(
-        output_dir=str(run_dir / "unsloth-checkpoints"),
-        max_steps=steps,
-        max_length=seq_len,
+    summary = train_with_trl(
+        run_dir,
+        "unsloth",
+        model,
+        tokenizer,
+        steps,
+        seq_len,
         per_device_train_batch_size=step["micro_batch_size"],
         gradient_accumulation_steps=step["gradient_accumulation_steps"],
         learning_rate=cfg.train.sft.learning_rate,
         optim=cfg.train.sft.optim,
         padding_free=step["padding_free"],
         bf16=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        include_num_input_tokens_seen="non_padding",
     )
-    throughput = ThroughputCallback()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows]),
-        processing_class=tokenizer,
-        callbacks=[throughput],
-    )
-    trainer.train()
-    print(json.dumps({**trainer_summary(trainer, args, throughput), "unsloth": unsloth.__version__}))
+    print(json.dumps({**summary, "unsloth": unsloth.__version__}))
 
 
 def merge_workers(work: Path, run_dir: Path) -> dict:
