@@ -53,7 +53,7 @@ def timed(command: list[str]) -> float:
 
 
 def direct(cfg, run_dir: Path, out: Path, calibration: Path) -> float:
-    from pipeline.llamacpp import LlamaCpp
+    from pipeline.engines.llamacpp import LlamaCpp
 
     llamacpp = LlamaCpp(cfg.llamacpp.dir)
     f16 = out / "model-F16.gguf"
@@ -120,11 +120,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from pipeline.io import write_json
-    from pipeline.manifest import Manifest
-    from pipeline.quantize import calibration_text
-    from pipeline.rows import read_jsonl
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.chat.tokenizer import load_tokenizer
+    from pipeline.run.io import write_json
+    from pipeline.run.manifest import Manifest
+    from pipeline.stages.quantize import calibration_text
 
     cfg = compose(args.experiment, args.run_dir)
     with tempfile.TemporaryDirectory(prefix="convert-quantize-") as scratch:

@@ -65,7 +65,7 @@ def make_memory_cgroup(limit_bytes: int) -> tuple[Path | None, str]:
     """A new memory cgroup under this process's, limited to `limit_bytes`: (its directory, its
     version), or (None, why not)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.memory import memory_cgroup
+    from pipeline.machine.memory import memory_cgroup
 
     own = memory_cgroup()
     if own is None or not os.access(own[0], os.W_OK):
@@ -181,7 +181,7 @@ def print_report(figures: dict) -> None:
 
 def limit_bytes(size: str) -> int:
     sys.path.insert(0, str(ROOT))
-    from pipeline.memory import parse_size
+    from pipeline.machine.memory import parse_size
 
     return parse_size(size, "--memory-limit")
 

@@ -113,10 +113,10 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None, r
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.chat import encode_dialog
-    from pipeline.data import parse_guanaco_text
-    from pipeline.io import atomic_dir
-    from pipeline.tokenizer import build_tokenizer, save_tokenizer, train_sentencepiece
+    from pipeline.chat.format import encode_dialog
+    from pipeline.chat.tokenizer import build_tokenizer, save_tokenizer, train_sentencepiece
+    from pipeline.run.io import atomic_dir
+    from pipeline.stages.data import parse_guanaco_text
 
     started = time.perf_counter()
     rows_path, base = work / "rows.jsonl", work / "base"
@@ -261,8 +261,8 @@ def train_with_trl(
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.rows import read_jsonl
-    from pipeline.train import ThroughputCallback
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.stages.train import ThroughputCallback
 
     rows = read_jsonl(run_dir / "data" / "train.jsonl")
     args = SFTConfig(

@@ -1,5 +1,5 @@
 """Peak memory and wall time of merging a LoRA adapter into a >= 1 GB fp16 Llama: the project's
-streaming merge (`pipeline.merge.merge_weights`) against peft's `merge_and_unload()`.
+streaming merge (`pipeline.stages.merge.merge_weights`) against peft's `merge_and_unload()`.
 
     python bench/merge_memory.py [--size-gb 1.0] [--out DIR] [--shard-size 200MB]
     python bench/merge_memory.py --run-dir RUN_DIR --dtype bfloat16 --shard-size 2GB  # a run's own
@@ -14,7 +14,7 @@ a random pair: step 1 is skipped.
    randomised so every delta is non-zero).
 2. Runs each merge in its own fresh Python process, so each peak RSS (`ru_maxrss`) is that
    method's alone:
-   - project: `pipeline.merge.load_adapter` + `pipeline.merge.merge_weights(...)` into shards;
+   - project: `pipeline.stages.merge.load_adapter` + `pipeline.stages.merge.merge_weights(...)` into shards;
    - peft: `AutoModelForCausalLM.from_pretrained(dtype=float16)` + `PeftModel.from_pretrained`
      + `merge_and_unload()` + `save_pretrained(max_shard_size=...)`.
    Both workers import the same libraries before the clock starts; the RSS after those imports
@@ -112,7 +112,7 @@ def describe_run(run_dir: Path) -> dict:
     """The base and adapter of a finished run, as `build` describes the pair it makes."""
     config = json.loads((run_dir / "base" / "config.json").read_text())
     shards = sorted((run_dir / "base").glob("*.safetensors"))
-    from pipeline.memory import tensor_shapes
+    from pipeline.machine.memory import tensor_shapes
 
     return {
         "layers": config["num_hidden_layers"],
@@ -211,7 +211,7 @@ def compare_outputs(work: Path, pair: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from pipeline.merge import load_adapter
+    from pipeline.stages.merge import load_adapter
 
     def index(directory: Path) -> dict[str, Path]:
         return {

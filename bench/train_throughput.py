@@ -20,7 +20,7 @@ data stage and tiny base, built once into a work dir and copied into every run d
   experiment's is False), to show how much of the gap that one setting makes.
 
 Tokens are counted the same way everywhere: include_num_input_tokens_seen="non_padding", tokens
-seen between on_train_begin and on_train_end divided by that time (pipeline.train.ThroughputCallback).
+seen between on_train_begin and on_train_end divided by that time (pipeline.stages.train.ThroughputCallback).
 Every run is its own process, one after the other, in R interleaved rounds (default 2); the table
 gives each run's best round, every round's figure and how many cores other processes kept busy
 meanwhile: on a shared 2-core machine their work slows a run by up to an order of magnitude. Before
@@ -75,9 +75,9 @@ def last_line(text: str) -> str:
 
 
 def build_source(work: Path, experiment: str) -> Path:
-    """Data stage via the CLI, then the tiny base via pipeline.tiny, into work/source."""
-    from pipeline.rows import read_jsonl
-    from pipeline.tiny import build_tiny_base
+    """Data stage via the CLI, then the tiny base via pipeline.models.tiny, into work/source."""
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.models.tiny import build_tiny_base
 
     source = work / "source"
     subprocess.run(
@@ -194,8 +194,8 @@ def baseline_main(experiment: str, run_dir: Path, steps: int, gradient_checkpoin
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.rows import read_jsonl
-    from pipeline.train import ThroughputCallback
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.stages.train import ThroughputCallback
 
     cfg = compose_experiment(experiment, run_dir)
     base = str(run_dir / "base")
@@ -253,10 +253,10 @@ def plain_main(experiment: str, run_dir: Path, steps: int) -> None:
     from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
 
-    from pipeline.examples import IGNORE_INDEX, encode_rows
-    from pipeline.models import load_quantized_base
-    from pipeline.rows import read_jsonl
-    from pipeline.tokenizer import build_tokenizer
+    from pipeline.chat.examples import IGNORE_INDEX, encode_rows
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.chat.tokenizer import build_tokenizer
+    from pipeline.models.load import load_quantized_base
 
     cfg = compose_experiment(experiment, run_dir)
     tokenizer = build_tokenizer(run_dir / "base" / "tokenizer.model")

@@ -21,14 +21,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline import diskspace
 from pipeline.config import check_settings, register
-from pipeline.errors import PipelineError
-from pipeline.layout import RunDir
-from pipeline.memory import StagePeak, release_freed_memory
-from pipeline.runlock import hold_run_dir
+from pipeline.machine import diskspace
+from pipeline.machine.memory import StagePeak, release_freed_memory
+from pipeline.run.errors import PipelineError
+from pipeline.run.layout import RunDir
+from pipeline.run.runlock import hold_run_dir
+from pipeline.run.summary import print_summary
 from pipeline.stages import STAGES
-from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
 
@@ -39,7 +39,7 @@ def _plain(node):
 
 def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
     """Run one stage; its wall-clock seconds, or None when it was skipped (or not this rank's)."""
-    from pipeline.manifest import Manifest
+    from pipeline.run.manifest import Manifest
 
     spec = STAGES[name]
     layout = RunDir.of(cfg, run_dir)
@@ -49,7 +49,7 @@ def run_stage(name: str, cfg: DictConfig, run_dir: Path) -> float | None:
     if not is_main and name != "train":
         return None
     if name == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pipeline.processes import process_state
+        from pipeline.machine.processes import process_state
 
         process_state().wait_for_everyone()  # rank 0 may still be writing the data stage's output
     stage_config = {key: _plain(OmegaConf.select(cfg, key)) for key in spec.config_keys}
@@ -119,7 +119,7 @@ def main(cfg: DictConfig) -> None:
         if err.errno != errno.ENOSPC:
             log.exception("stage failed with an unexpected error; traceback follows")
             raise
-        # The disk filled up mid-write: artifacts are written to temporaries and renamed (pipeline.io),
+        # The disk filled up mid-write: artifacts are written to temporaries and renamed (pipeline.run.io),
         # and the manifest is recorded only after a stage ends, so nothing final is half-written.
         where = Path(err.filename) if err.filename else run_dir
         free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free

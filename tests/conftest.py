@@ -63,7 +63,7 @@ def llama2_hf_dir(llama2_tokenizer_model, tmp_path_factory) -> Path:
     """The real Llama-2 tokenizer saved the project's way, with a Llama config.json beside it."""
     from transformers import LlamaConfig
 
-    from pipeline.tokenizer import build_tokenizer, save_tokenizer
+    from pipeline.chat.tokenizer import build_tokenizer, save_tokenizer
 
     out = tmp_path_factory.mktemp("llama2-tokenizer")
     save_tokenizer(build_tokenizer(llama2_tokenizer_model), llama2_tokenizer_model, out)
@@ -84,7 +84,7 @@ def llama2_hf_dir(llama2_tokenizer_model, tmp_path_factory) -> Path:
 def llamacpp():
     """llama.cpp's own programs and converter, as the README's set-up builds them. Not skipped when
     missing: the tests of the real engine must run, so a missing build is an error that says how to build."""
-    from pipeline.llamacpp import LlamaCpp
+    from pipeline.engines.llamacpp import LlamaCpp
 
     native = LlamaCpp()
     native.tool("llama-server"), native.converter()  # raise, naming the build command, if absent
@@ -94,7 +94,7 @@ def llamacpp():
 @pytest.fixture(scope="session")
 def llama2_vocab_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     """A vocab-only GGUF of the real Llama-2 tokenizer, made by llama.cpp's converter."""
-    from pipeline.gguf import convert_to_gguf
+    from pipeline.engines.gguf import convert_to_gguf
 
     out = tmp_path_factory.mktemp("llama2-gguf") / "llama2-vocab.gguf"
     convert_to_gguf(llama2_hf_dir, out, vocab_only=True, llamacpp=llamacpp)
@@ -110,7 +110,7 @@ def llama2_random_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.gguf import convert_to_gguf
+    from pipeline.engines.gguf import convert_to_gguf
 
     hf_dir = tmp_path_factory.mktemp("llama2-random")
     shutil.copytree(llama2_hf_dir, hf_dir, dirs_exist_ok=True)

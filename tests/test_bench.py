@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from pipeline.llamacpp import LlamaCpp
+from pipeline.engines.llamacpp import LlamaCpp
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 The reference is Meta's `Llama.chat_completion` encoding (llama/generation.py), re-implemented here
 directly on `sentencepiece` (see `meta_reference_ids`) so that it shares no code with
-`pipeline.chat`. Every way the project turns a chat into token ids must give exactly those ids:
-`pipeline.chat.encode_dialog` with the project's tokenizer, and the chat paths of `pipeline.engines`:
+`pipeline.chat.format`. Every way the project turns a chat into token ids must give exactly those ids:
+`pipeline.chat.format.encode_dialog` with the project's tokenizer, and the chat paths of
+`pipeline.engines.encoding`:
 transformers, the TGI reproduction (minijinja + tokenizers; TGI itself cannot run here),
 llama-cpp-python, and llama.cpp's own `llama-server`, running on 127.0.0.1 with default flags.
 """
@@ -17,9 +18,9 @@ import re
 import pytest
 import sentencepiece as spm
 
-from pipeline.chat import DialogError, encode_dialog
-from pipeline.data import parse_guanaco_text
-from pipeline.engines import (
+from pipeline.chat.format import DialogError, encode_dialog
+from pipeline.chat.tokenizer import load_tokenizer
+from pipeline.engines.encoding import (
     LlamaCppBuiltinEngine,
     LlamaCppEngine,
     LlamaServerEngine,
@@ -27,8 +28,8 @@ from pipeline.engines import (
     TGIEngine,
     TransformersEngine,
 )
-from pipeline.serving import serve_llama_server
-from pipeline.tokenizer import load_tokenizer
+from pipeline.engines.serving import serve_llama_server
+from pipeline.stages.data import parse_guanaco_text
 
 # --------------------------------------------------------------------------------------------
 # The independent reference: Meta's chat_completion on raw SentencePiece
@@ -530,7 +531,7 @@ def test_information_separators_are_stripped_like_python(implementation, separat
 
 
 def llama_bpe_backend(model_file, merges_ranked_by_score: bool):
-    """A `tokenizers` BPE built exactly as pipeline/tokenizer.py builds it, except for the merge ranking.
+    """A `tokenizers` BPE built exactly as pipeline/chat/tokenizer.py builds it, except for the merge ranking.
 
     merges_ranked_by_score=False is transformers' default (`generate_merges(vocab)`, ranked by vocab id).
     """

@@ -3,7 +3,7 @@
 Each snippet marked `<!-- test: NAME -->` in the README's Serving section is executed here verbatim, with
 only its placeholders replaced (the server URLs, `run_dir/...` paths) and `messages` bound to an eval dialog
 of the tiny run. What each client feeds the model is measured and compared with Meta's reference ids,
-`pipeline.chat.encode_dialog`:
+`pipeline.chat.format.encode_dialog`:
 
 - llama.cpp in-process: the ids llama.cpp evaluated (`Llama.input_ids`);
 - llama.cpp server: `usage.prompt_tokens` (the server keeps its ids to itself);
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TGI_OPENAPI, need
 
-from pipeline.chat import encode_dialog
+from pipeline.chat.format import encode_dialog
 
 DOC = ROOT / "README.md"  # its Serving section
 NAME = "tiny-synthetic"  # the tiny run's artifact name: <model.name>-<data.name>
@@ -203,7 +203,7 @@ def gguf_path(tiny_run) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_run):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.chat.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_run / "merged")
 
@@ -224,7 +224,7 @@ def has_system(messages: list[dict]) -> bool:
 def llamacpp_server(gguf_path, tmp_path_factory):
     """The doc's `python -m llama_cpp.server ...` on a free 127.0.0.1 port; always stopped."""
     pytest.importorskip("llama_cpp.server.app", reason=NO_SERVER)
-    from pipeline.serving import free_port, serve
+    from pipeline.engines.serving import free_port, serve
 
     port = free_port()
     argv = shlex.split(snippet("llamacpp-server", **{DOC_GGUF: str(gguf_path)}))
@@ -257,14 +257,14 @@ def last_call(tgi, path: str) -> dict:
 
 def tgi_chat_ids(tgi, messages: list[dict]) -> list[int]:
     """The ids TGI's chat path feeds the model for `messages` (its /chat_tokenize)."""
-    from pipeline.tgi import TGIClient
+    from pipeline.engines.tgi import TGIClient
 
     return TGIClient(tgi.url).chat_tokenize(messages)[0]
 
 
 def tgi_generate_ids(tgi, inputs: str) -> list[int]:
     """The ids TGI's /generate feeds the model for the raw `inputs` (prefill, decoder_input_details)."""
-    from pipeline.tgi import TGIClient
+    from pipeline.engines.tgi import TGIClient
 
     return TGIClient(tgi.url).generate(inputs, max_new_tokens=1)["prefill_ids"]
 
@@ -303,7 +303,7 @@ def test_openai_client_native_llama_server(gguf_path, questions, tokenizer, llam
     """The doc's `llama-server ...` command (llama.cpp's own server, default flags), then the doc's
     OpenAI client against it: every answer right, stopped on EOS, Meta's prompt length."""
     pytest.importorskip("openai", reason=NO_OPENAI)
-    from pipeline.serving import free_port, serve
+    from pipeline.engines.serving import free_port, serve
 
     port = free_port()
     argv = shlex.split(snippet("llama-server", **{DOC_GGUF: str(gguf_path)}))

@@ -112,7 +112,7 @@ def test_library_configs_build(experiment, tmp_path):
     # The default recipe asks for bf16, which transformers refuses without a bf16 GPU unless use_cpu
     # is set; use_cpu changes nothing about which keys are accepted.
     extra = {} if _bf16_usable() or not sft.get("bf16") else {"use_cpu": True}
-    # max_length as pipeline/train.py passes it: a duplicate key in train.sft would fail there too.
+    # max_length as pipeline/stages/train.py passes it: a duplicate key in train.sft would fail there too.
     args = SFTConfig(output_dir=str(tmp_path), max_length=cfg.train.max_length, **extra, **sft)
     assert args.learning_rate == pytest.approx(sft["learning_rate"])
     assert args.max_steps == sft["max_steps"]
@@ -172,18 +172,18 @@ def test_every_stage_in_the_stage_table_can_be_named_on_the_command_line():
 
 
 # ---------------------------------------------------------------------------------------------------
-# How a step executes (pipeline/step_plan.py): the planner against device sizes, at Llama-2-7B's shape
+# How a step executes (pipeline/machine/step_plan.py): the planner against device sizes, at Llama-2-7B's shape
 
 
 def plan_for(size_gb: float, *overrides: str, ranks: int = 1) -> dict:
-    from pipeline.step_plan import LLAMA2_7B_SHAPES, plan_step
+    from pipeline.machine.step_plan import LLAMA2_7B_SHAPES, plan_step
 
     return plan_step(compose_cfg(*overrides), LLAMA2_7B_SHAPES, ranks, memory=(int(size_gb * 1e9), "test"))
 
 
 def test_the_plan_keeps_16_sequences_per_step_and_takes_the_largest_micro_batch_that_fits():
-    from pipeline.memory import PROCESS_BYTES, train_needs
-    from pipeline.step_plan import LLAMA2_7B_SHAPES
+    from pipeline.machine.memory import PROCESS_BYTES, train_needs
+    from pipeline.machine.step_plan import LLAMA2_7B_SHAPES
 
     cfg = compose_cfg()
     plans = {size: plan_for(size) for size in (16, 24, 40, 80, 200)}
@@ -200,7 +200,7 @@ def test_the_plan_keeps_16_sequences_per_step_and_takes_the_largest_micro_batch_
 
 
 def test_checkpointing_comes_on_only_when_no_micro_batch_fits_without_it():
-    from pipeline.memory import NoMemory
+    from pipeline.machine.memory import NoMemory
 
     lean = plan_for(9)
     assert lean["gradient_checkpointing"] and lean["micro_batch_size"] >= 1
@@ -231,7 +231,7 @@ def test_explicit_settings_and_the_lean_recipe_are_taken_as_given():
 def test_ranks_share_the_16_sequences():
     plan = plan_for(80, ranks=2)
     assert plan["ranks"] * plan["micro_batch_size"] * plan["gradient_accumulation_steps"] == 16
-    from pipeline.errors import ConfigError
+    from pipeline.run.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.batch_size=16: not divisible by the 3 processes"):
         plan_for(80, ranks=3)
@@ -265,7 +265,7 @@ def test_step_settings_out_of_range_are_one_line(override, expected, tmp_path: P
 
 
 def test_the_fits_table_in_the_docs_is_what_the_estimate_prints():
-    """README and docs/train_step.md quote `python -m pipeline.step_plan` for 16-80 GB GPUs."""
+    """README and docs/train_step.md quote `python -m pipeline.machine.step_plan` for 16-80 GB GPUs."""
     import re
     import subprocess
     import sys
@@ -273,7 +273,10 @@ def test_the_fits_table_in_the_docs_is_what_the_estimate_prints():
     tables = (ROOT / "README.md").read_text() + (ROOT / "docs" / "train_step.md").read_text()
     for overrides, column in (([], 1), (["train=qlora_lean"], 2)):
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline.step_plan", *overrides], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-m", "pipeline.machine.step_plan", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout
         plans = re.findall(
             r"(\d+)GB: micro-batch (\d+) x (\d+), checkpointing (on|off), estimated ([\d.]+) GB", out

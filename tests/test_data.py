@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import GUANACO_QUESTIONS, need, run_pipeline
 
-from pipeline.chat import check_dialog
-from pipeline.data import parse_guanaco_text
-from pipeline.io import atomic_dir
+from pipeline.chat.format import check_dialog
+from pipeline.run.io import atomic_dir
+from pipeline.stages.data import parse_guanaco_text
 
 MARKER = {"user": "### Human:", "assistant": "### Assistant:"}
 

@@ -14,8 +14,8 @@ from conftest import ROOT, run_pipeline
 from omegaconf import OmegaConf
 
 from pipeline.config import DataConfig
-from pipeline.data import FORMATS, detect_format, load_dialogs, row_to_messages
-from pipeline.errors import DataError
+from pipeline.run.errors import DataError
+from pipeline.stages.data import FORMATS, detect_format, load_dialogs, row_to_messages
 
 
 def system(text: str) -> dict:

@@ -210,9 +210,10 @@ def test_serve_targets_take_the_chat_template_from_the_artifact():
 
 
 def test_llama_cpp_python_pin_matches_pyproject():
-    """The train image and pipeline/llamacpp.py pin exactly the llama-cpp-python version pyproject.toml
-    requires; the serve image builds llama-server from that version's sdist with pipeline/llamacpp.py."""
-    from pipeline.llamacpp import LLAMA_CPP_PYTHON
+    """The train image and pipeline/engines/llamacpp.py pin exactly the llama-cpp-python version
+    pyproject.toml requires; the serve image builds llama-server from that version's sdist with
+    pipeline/engines/llamacpp.py."""
+    from pipeline.engines.llamacpp import LLAMA_CPP_PYTHON
 
     pins = set(re.findall(r'"llama-cpp-python\[server\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text()))
     assert pins == {LLAMA_CPP_PYTHON}, f"pyproject.toml: llama-cpp-python pins {pins}"
@@ -220,7 +221,7 @@ def test_llama_cpp_python_pin_matches_pyproject():
     assert builder.args()["LLAMA_CPP_PYTHON_VERSION"] == LLAMA_CPP_PYTHON
     assert any("llama-cpp-python[server]==${LLAMA_CPP_PYTHON_VERSION}" in run for run in builder.all("RUN"))
     serve_builder = stage_named(DOCKERFILE_SERVE, "llamacpp-builder")
-    assert "pipeline/llamacpp.py" in " ".join(serve_builder.all("COPY"))
+    assert "pipeline/engines/llamacpp.py" in " ".join(serve_builder.all("COPY"))
     assert any("llamacpp.py build" in run for run in serve_builder.all("RUN"))
 
 
@@ -321,7 +322,7 @@ def test_fsdp_qlora_experiment_builds_library_configs(tmp_path):
     quantization = BitsAndBytesConfig(**OmegaConf.to_container(cfg.train.quantization))
     assert quantization.load_in_4bit
     assert quantization.bnb_4bit_quant_storage == quantization.bnb_4bit_compute_dtype == torch.bfloat16
-    # pipeline/train.py loads the model in the compute dtype: it must be the storage dtype too.
+    # pipeline/stages/train.py loads the model in the compute dtype: it must be the storage dtype too.
     assert (
         getattr(torch, cfg.train.quantization.bnb_4bit_compute_dtype) == quantization.bnb_4bit_quant_storage
     )

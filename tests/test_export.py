@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_pipeline
 
-from pipeline.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog
+from pipeline.chat.format import LLAMA2_CHAT_TEMPLATE, encode_dialog
 
 pytestmark = pytest.mark.slow  # every test here needs the tiny run, or runs stages itself
 
@@ -244,7 +244,7 @@ def test_merged_model_answers_eval_questions(tiny_run):
 def test_gguf_carries_template_and_meta_ids(tiny_run, type_name):
     import llama_cpp
 
-    from pipeline.gguf import read_gguf_metadata
+    from pipeline.engines.gguf import read_gguf_metadata
 
     path = gguf(tiny_run, type_name)
     assert path.is_file(), sorted(p.name for p in (tiny_run / "gguf").iterdir())
@@ -258,7 +258,7 @@ def test_gguf_carries_template_and_meta_ids(tiny_run, type_name):
 
 
 def test_check_gguf_rejects_a_gguf_without_chat_template(tiny_run, tmp_path):
-    from pipeline.gguf import GGUFCheckError, check_gguf, convert_to_gguf, read_gguf_metadata
+    from pipeline.engines.gguf import GGUFCheckError, check_gguf, convert_to_gguf, read_gguf_metadata
 
     assert check_gguf(gguf(tiny_run, "F16"), 1, 2)["tokenizer.ggml.add_bos_token"] == "true"  # control
     hf_dir = tmp_path / "merged-no-template"
@@ -295,7 +295,7 @@ def test_manifest_lists_every_artifact_truthfully(tiny_run):
 
 
 def test_manifest_stage_records(tiny_run):
-    from pipeline.manifest import config_hash
+    from pipeline.run.manifest import config_hash
     from pipeline.stages import STAGES
 
     m = manifest(tiny_run)
@@ -416,7 +416,7 @@ def requantized(tiny_run, tmp_path_factory):
 
 
 def test_changed_quants_reruns_quantize(requantized):
-    from pipeline.gguf import check_gguf
+    from pipeline.engines.gguf import check_gguf
 
     run_dir, before, result, _ = requantized
     assert ran(result, "quantize") and not skipped(result, "quantize"), said(result)[-3000:]
@@ -651,7 +651,7 @@ def convert_killed(tiny_run, tmp_path_factory):
 
 
 def test_convert_killed_mid_write_leaves_no_gguf_then_reruns(convert_killed):
-    from pipeline.gguf import check_gguf
+    from pipeline.engines.gguf import check_gguf
 
     run_dir, killed_in, after_kill, rerun = convert_killed
     assert f"{NAME}-F16.gguf" not in after_kill, after_kill
@@ -690,7 +690,7 @@ def test_the_summary_prints_stage_times(tmp_path):
 def test_every_gguf_has_an_ollama_modelfile_beside_it(tiny_run):
     """ollama never runs the GGUF's Jinja template: each GGUF gets a Modelfile with the project's Go
     template (checked by tests/test_ollama.py), naming that GGUF."""
-    from pipeline.chat import LLAMA2_OLLAMA_TEMPLATE
+    from pipeline.chat.format import LLAMA2_OLLAMA_TEMPLATE
 
     ggufs = sorted(p for p in (tiny_run / "gguf").glob("*.gguf") if not p.name.endswith(".imatrix.gguf"))
     assert {g.stem.rsplit("-", 1)[-1] for g in ggufs} == {"F16", "Q8_0", "Q4_K_M"}

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import GUANACO_QUESTIONS, LLAMA2_TOKENIZER, need, run_pipeline
 
-from pipeline.chat import encode_dialog
-from pipeline.rows import read_jsonl
-from pipeline.tokenizer import load_tokenizer
+from pipeline.chat.format import encode_dialog
+from pipeline.chat.rows import read_jsonl
+from pipeline.chat.tokenizer import load_tokenizer
 
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "IQ4_XS"]
 NAME = "tiny-llama2vocab-guanaco"
@@ -87,7 +87,7 @@ def test_imatrix_comes_from_training_rows_in_the_chat_format(real_run, llama2_vo
     row is in it."""
     from llama_cpp import Llama
 
-    from pipeline.quantize import calibration_text
+    from pipeline.stages.quantize import calibration_text
 
     m = manifest(real_run)
     record = m["stages"]["quantize"]["metrics"]["imatrix"]

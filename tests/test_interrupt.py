@@ -18,8 +18,8 @@ import psutil
 import pytest
 from conftest import ROOT, run_pipeline
 
-from pipeline.gguf import check_gguf_loads
-from pipeline.io import check_safetensors
+from pipeline.engines.gguf import check_gguf_loads
+from pipeline.run.io import check_safetensors
 from pipeline.stages import STAGES
 
 SKIPPED = "inputs and config unchanged since it last ran, skipped"
@@ -108,7 +108,7 @@ def check_complete(path: Path) -> None:
 
 def check_imatrix(path: Path) -> None:
     """llama.cpp's own gguf-py reads the importance matrix whole: every tensor within the file."""
-    from pipeline.llamacpp import LlamaCpp
+    from pipeline.engines.llamacpp import LlamaCpp
 
     sys.path.insert(0, str(LlamaCpp().converter().parent / "gguf-py"))
     from gguf import GGUFReader

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from test_data import assert_nothing_written, output_of, run_data
 
-from pipeline.rows import read_jsonl
+from pipeline.chat.rows import read_jsonl
 
 TINY = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -32,7 +32,7 @@ def exchange(i: int, text: str = "") -> list[dict]:
 
 
 def written_rows(run_dir: Path) -> list[dict]:
-    """What later stages read back (pipeline.rows.read_jsonl splits on b"\\n" only, never U+2028)."""
+    """What later stages read back (pipeline.chat.rows.read_jsonl splits on b"\\n" only, never U+2028)."""
     return read_jsonl(run_dir / "data" / "train.jsonl") + read_jsonl(run_dir / "data" / "eval.jsonl")
 
 
@@ -81,7 +81,7 @@ def test_empty_or_blank_file_is_one_line(text, tmp_path):
 
 def test_conversation_of_5000_turns_is_kept_whole_for_the_train_cut(tmp_path):
     """The data stage keeps a row longer than any train.max_length as it is: the train stage's one
-    truncation rule (pipeline.examples.fitting_exchanges) keeps its first exchanges that fit."""
+    truncation rule (pipeline.chat.examples.fitting_exchanges) keeps its first exchanges that fit."""
     turns = [m for i in range(2500) for m in exchange(i, "word " * 20)]
     path = write_rows(tmp_path / "rows.jsonl", [{"messages": turns}, TINY])
     run_dir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""One llama.cpp (pipeline/llamacpp.py): the programs built from the pinned llama-cpp-python sdist are
+"""One llama.cpp (pipeline/engines/llamacpp.py): the programs built from the pinned llama-cpp-python sdist are
 the commit the bindings vendor, built without network features, and recorded where a user looks."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pipeline.llamacpp import (
+from pipeline.engines.llamacpp import (
     CMAKE_ARGS,
     LLAMA_CPP_COMMIT,
     LLAMA_CPP_PYTHON,
@@ -34,8 +34,8 @@ def test_programs_are_the_commit_the_bindings_vendor(llamacpp):
 
 
 def test_the_bindings_are_built_without_amx_kernels():
-    """llama.cpp's AMX kernels die with SIGILL at this commit (pipeline/llamacpp.py, NO_AMX): the
-    bindings must be built with `CMAKE_ARGS="$(python pipeline/llamacpp.py cmake-args)"` as the
+    """llama.cpp's AMX kernels die with SIGILL at this commit (pipeline/engines/llamacpp.py, NO_AMX): the
+    bindings must be built with `CMAKE_ARGS="$(python pipeline/engines/llamacpp.py cmake-args)"` as the
     README's install does; a wheel from an install without it (pip caches wheels) shows here."""
     import llama_cpp
 
@@ -63,7 +63,7 @@ def test_a_missing_build_is_one_line_naming_the_fix(tmp_path):
         LlamaCpp(tmp_path).tool("llama-server")
     message = str(err.value)
     assert "\n" not in message
-    assert f"llamacpp.dir={tmp_path}" in message and "python -m pipeline.llamacpp build" in message
+    assert f"llamacpp.dir={tmp_path}" in message and "python -m pipeline.engines.llamacpp build" in message
     with pytest.raises(FileNotFoundError, match="convert_hf_to_gguf.py not found"):
         LlamaCpp(tmp_path).converter()
 

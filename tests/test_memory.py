@@ -7,7 +7,7 @@ import sys
 
 from conftest import run_pipeline
 
-from pipeline.memory import NoMemory, StagePeak, parse_size, phase_peaks, require_memory
+from pipeline.machine.memory import NoMemory, StagePeak, parse_size, phase_peaks, require_memory
 
 
 def test_stage_peak_sees_this_process_and_its_children():

@@ -4,7 +4,7 @@ Rendered with Go's text/template; ollama itself not run. `tests/ollama_render/ma
 standard-library copy of ollama's template package (Parse, collate, Execute) and of what its chat
 handler does before the template; llama.cpp then tokenizes the rendered text as ollama does (BOS
 added, `<s>`/`</s>` parsed as control tokens), on the real Llama-2 vocabulary. The reference is
-`pipeline.chat.encode_dialog` (Meta's `chat_completion` ids, checked against Meta in test_chat.py).
+`pipeline.chat.format.encode_dialog` (Meta's `chat_completion` ids, checked against Meta in test_chat.py).
 The template is read back out of a Modelfile that `write_modelfile` wrote, so the file is what is tested.
 """
 
@@ -20,11 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chat import CONTROL_TOKEN_TEXT, LLAMA2_OLLAMA_TEMPLATE, TURN_TAGS, DialogError, encode_dialog
-from pipeline.data import parse_guanaco_text
-from pipeline.ollama import write_modelfile
-from pipeline.parity import PARITY_SUITE, injects_control_text
-from pipeline.tokenizer import load_tokenizer
+from pipeline.chat.format import (
+    CONTROL_TOKEN_TEXT,
+    LLAMA2_OLLAMA_TEMPLATE,
+    TURN_TAGS,
+    DialogError,
+    encode_dialog,
+)
+from pipeline.chat.tokenizer import load_tokenizer
+from pipeline.checks.parity import PARITY_SUITE, injects_control_text
+from pipeline.engines.ollama import write_modelfile
+from pipeline.stages.data import parse_guanaco_text
 
 RENDERER_SOURCE = Path(__file__).parent / "ollama_render" / "main.go"
 GO_MISSING = (

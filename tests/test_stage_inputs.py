@@ -18,7 +18,7 @@ from conftest import run_pipeline
 from hydra import compose, initialize_config_dir
 
 import pipeline.config
-from pipeline.layout import RunDir
+from pipeline.run.layout import RunDir
 from pipeline.stages import STAGES
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")

@@ -1,6 +1,6 @@
-"""The fast execution of a training step is the recipe's math (pipeline/step_plan.py), on real
+"""The fast execution of a training step is the recipe's math (pipeline/machine/step_plan.py), on real
 guanaco rows (varied lengths, where padding and the loss normalisation matter most), the real
-Llama-2 tokenizer and the stage's own trainer (`pipeline.train.build_trainer`):
+Llama-2 tokenizer and the stage's own trainer (`pipeline.stages.train.build_trainer`):
 
 - a padding-free batch (flattened, position ids, no attention mask) gives the padded batch's loss on
   every token and its LoRA gradients, with PyTorch SDPA and eager attention: transformers builds the
@@ -53,10 +53,10 @@ def compose(run_dir, *overrides: str):
 @pytest.fixture(scope="module")
 def guanaco(tmp_path_factory):
     """The guanaco_tiny data stage's rows, its base (real Llama-2 vocabulary), the encoded examples."""
-    from pipeline.examples import encode_rows
-    from pipeline.rows import read_jsonl
-    from pipeline.tokenizer import build_tokenizer
-    from pipeline.train import prepare_base
+    from pipeline.chat.examples import encode_rows
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.chat.tokenizer import build_tokenizer
+    from pipeline.stages.train import prepare_base
 
     need(GUANACO_QUESTIONS), need(LLAMA2_TOKENIZER)
     run_dir = tmp_path_factory.mktemp("step-math")
@@ -72,7 +72,7 @@ def guanaco(tmp_path_factory):
 def trainer_for(guanaco, *overrides: str):
     from transformers import set_seed
 
-    from pipeline.train import build_trainer, execution_plan
+    from pipeline.stages.train import build_trainer, execution_plan
 
     run_dir, base, tokenizer, examples = guanaco
     cfg = compose(run_dir, *overrides)
@@ -101,7 +101,7 @@ def test_a_padding_free_batch_has_the_padded_loss_and_gradients(guanaco, attenti
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from pipeline.examples import IGNORE_INDEX
+    from pipeline.chat.examples import IGNORE_INDEX
 
     _, _, tokenizer, examples = guanaco
     trainer, plan = trainer_for(guanaco, "train.micro_batch_size=4", f"train.attn_implementation={attention}")

@@ -12,16 +12,16 @@ from types import SimpleNamespace
 import pytest
 import sentencepiece as spm
 
-from pipeline.chat import encode_dialog
-from pipeline.synthetic import make_rows
-from pipeline.tiny import tokenizer_corpus
-from pipeline.tokenizer import build_tokenizer, load_sentencepiece_proto, train_sentencepiece
+from pipeline.chat.format import encode_dialog
+from pipeline.chat.synthetic import make_rows
+from pipeline.chat.tokenizer import build_tokenizer, load_sentencepiece_proto, train_sentencepiece
+from pipeline.models.tiny import tokenizer_corpus
 
 VOCAB_SIZE = 512
 
 
 def meta_reference_ids(sp: spm.SentencePieceProcessor, messages: list[dict]) -> list[int]:
-    """Meta's `Llama.chat_completion` encoding on raw SentencePiece (independent of pipeline.chat)."""
+    """Meta's `Llama.chat_completion` encoding on raw SentencePiece (independent of pipeline.chat.format)."""
     dialog = [dict(m) for m in messages]
     if dialog[0]["role"] == "system":  # folded into the first user turn, system text not stripped
         folded = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"

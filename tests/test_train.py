@@ -22,8 +22,8 @@ import pytest
 from conftest import ROOT, run_pipeline
 from omegaconf import OmegaConf
 
-from pipeline.chat import LLAMA2_CHAT_TEMPLATE, encode_dialog
-from pipeline.examples import IGNORE_INDEX, encode_rows
+from pipeline.chat.examples import IGNORE_INDEX, encode_rows
+from pipeline.chat.format import LLAMA2_CHAT_TEMPLATE, encode_dialog
 
 TINY_MODEL_CONF = ROOT / "conf" / "model" / "tiny.yaml"
 SYNTHETIC_DATA_CONF = ROOT / "conf" / "data" / "synthetic.yaml"
@@ -35,7 +35,7 @@ HF_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 @pytest.fixture(scope="module")
 def tokenizer(llama2_tokenizer_model):
-    from pipeline.tokenizer import build_tokenizer
+    from pipeline.chat.tokenizer import build_tokenizer
 
     return build_tokenizer(llama2_tokenizer_model)
 
@@ -196,14 +196,14 @@ def test_row_whose_first_exchange_does_not_fit_is_dropped(tokenizer):
 
 
 def synthetic_train_rows() -> list[dict]:
-    from pipeline.synthetic import make_rows
+    from pipeline.chat.synthetic import make_rows
 
     data = OmegaConf.load(SYNTHETIC_DATA_CONF)
     return make_rows(data.synthetic, None, data.seed)[0]
 
 
 def build_tiny(out: Path, tokenizer_path: str | None = None) -> Path:
-    from pipeline.tiny import build_tiny_base
+    from pipeline.models.tiny import build_tiny_base
 
     build_tiny_base(OmegaConf.load(TINY_MODEL_CONF).tiny, tokenizer_path, synthetic_train_rows(), out)
     return out
@@ -212,7 +212,7 @@ def build_tiny(out: Path, tokenizer_path: str | None = None) -> Path:
 def test_tiny_base_is_deterministic_and_an_ordinary_hf_dir(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from pipeline.tokenizer import build_tokenizer
+    from pipeline.chat.tokenizer import build_tokenizer
 
     a, b = build_tiny(tmp_path / "a"), build_tiny(tmp_path / "b")
     files = sorted(p.name for p in a.iterdir())
@@ -268,10 +268,10 @@ def test_adapter_trains_in_the_configured_dtype_not_trls_bf16(tmp_path, override
     from peft import LoraConfig
     from trl import SFTConfig
 
+    from pipeline.chat.tokenizer import build_tokenizer
     from pipeline.config import register
-    from pipeline.models import load_quantized_base
-    from pipeline.tokenizer import build_tokenizer
-    from pipeline.train import adapter_dtype, sft_trainer
+    from pipeline.models.load import load_quantized_base
+    from pipeline.stages.train import adapter_dtype, sft_trainer
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -313,7 +313,7 @@ def test_the_4bit_base_read_tensor_by_tensor_is_transformers_own_load(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pipeline.models import load_quantized_base
+    from pipeline.models.load import load_quantized_base
 
     cfg = tiny_cfg()
     base = build_tiny(tmp_path / "base")
@@ -618,8 +618,8 @@ def short_train(run_dir: Path, monkeypatch, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_packing_trains(tmp_path, monkeypatch):
-    from pipeline.rows import read_jsonl
-    from pipeline.tokenizer import build_tokenizer
+    from pipeline.chat.rows import read_jsonl
+    from pipeline.chat.tokenizer import build_tokenizer
 
     run_dir = tmp_path / "run"
     metrics = short_train(run_dir, monkeypatch, "train.sft.packing=true")

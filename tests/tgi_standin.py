@@ -1,13 +1,14 @@
 """A stand-in for text-generation-inference (TGI), for tests only.
 
 TGI itself cannot run on this machine (no container engine daemon, no GPU), so the smoke stage's TGI
-client (`pipeline.tgi.TGIClient`, `pipeline.answering.chat_answers`, `pipeline.tgi.tgi_live`) is
+client (`pipeline.engines.tgi.TGIClient`, `pipeline.checks.answering.chat_answers`,
+`pipeline.engines.tgi.tgi_live`) is
 tested against this small, real HTTP server (http.server on 127.0.0.1, a free port, served from a
 thread). It is not TGI and does not pretend to be more than the few endpoints the smoke stage uses;
 it is built on the real parts:
 
 - the chat prompt, as TGI's router makes it: the model dir's `chat_template` rendered by minijinja
-  with TGI's variables (`pipeline.engines.TGIEngine`) and tokenized by the `tokenizers` library from
+  with TGI's variables (`pipeline.engines.encoding.TGIEngine`) and tokenized by the `tokenizers` library from
   tokenizer.json with add_special_tokens=False (chat) or True (`/generate` inputs, TGI's default);
 - generation: llama.cpp (`llama_cpp.Llama`) on a GGUF of the same model, greedy, fed exactly those ids;
 - the wire format: TGI's own OpenAPI document (router 3.3.6-dev0, ../shared/data/tgi/openapi.json).
@@ -119,7 +120,7 @@ class TGIStandIn:
     ):
         from llama_cpp import Llama
 
-        from pipeline.engines import TGIEngine
+        from pipeline.engines.encoding import TGIEngine
 
         self.engine = TGIEngine(Path(hf_dir))
         self.tokenizer = self.engine.tokenizer  # tokenizers.Tokenizer from tokenizer.json
@@ -285,7 +286,7 @@ class TGIStandIn:
     }
 
     def handle(self, method: str, path: str, raw: bytes) -> tuple[int, object]:
-        from pipeline.engines import TemplateRefused
+        from pipeline.engines.encoding import TemplateRefused
 
         route = self.ROUTES.get((method, path))
         if route is None:
