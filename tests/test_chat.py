@@ -659,7 +659,7 @@ def test_builtin_format_is_one_layout_and_not_metas(
     llama_server_no_jinja, llama2_vocab_gguf, guanaco_records, sp
 ):
     """`llama-server --no-jinja` and the C API `llama_chat_apply_template` give the same ids (one
-    built-in layout, picked from the template's text), and those are not Meta's: the README's counts."""
+    built-in layout, picked from the template's text), and those are not Meta's: docs/serving.md's counts."""
     c_api = LlamaCppBuiltinEngine(llama2_vocab_gguf)
     dialogs = list(DIALOGS.values()) + [guanaco_dialog(r) for r in guanaco_records]
     equal_to_meta = 0
@@ -671,7 +671,7 @@ def test_builtin_format_is_one_layout_and_not_metas(
     assert len(dialogs) == 980
     print(f"built-in layout equal to Meta on {equal_to_meta} of {len(dialogs)} dialogs")
     assert equal_to_meta < len(dialogs) // 10, (
-        f"{equal_to_meta} of {len(dialogs)}: update the README's counts"
+        f"{equal_to_meta} of {len(dialogs)}: update the counts in docs/serving.md"
     )
     # The layout's own mark: no space between [/INST] and the answer, where Meta has one.
     rendered = c_api.render([user("Hi"), assistant("Hello"), user("Bye")])

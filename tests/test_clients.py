@@ -1,6 +1,6 @@
-"""The serving recipes of the README's Serving section, run as written against the tiny run.
+"""The serving recipes of docs/serving.md, run as written against the tiny run.
 
-Each snippet marked `<!-- test: NAME -->` in the README's Serving section is executed here verbatim, with
+Each snippet marked `<!-- test: NAME -->` in docs/serving.md is executed here verbatim, with
 only its placeholders replaced (the server URLs, `run_dir/...` paths) and `messages` bound to an eval dialog
 of the tiny run. What each client feeds the model is measured and compared with Meta's reference ids,
 `pipeline.chat.format.encode_dialog`:
@@ -12,7 +12,8 @@ of the tiny run. What each client feeds the model is measured and compared with 
   its prefill ids (`decoder_input_details`), the ids TGI would evaluate.
 
 The TGI container commands of the doc cannot run here (no container engine, no GPU); they are
-checked as text against Dockerfile.serve and the smoke config.
+checked as text against Dockerfile.serve and the smoke config. The README's short serving examples
+are checked to be copies of the doc's, so what runs here is what the README shows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from conftest import ROOT, TGI_OPENAPI, need
 
 from pipeline.chat.format import encode_dialog
 
-DOC = ROOT / "README.md"  # its Serving section
+DOC = ROOT / "docs" / "serving.md"
+README = ROOT / "README.md"  # its short serving examples: copies of the doc's
 NAME = "tiny-synthetic"  # the tiny run's artifact name: <model.name>-<data.name>
 DOC_LLAMACPP_URL = "http://127.0.0.1:8000"
 DOC_TGI_URL = "http://127.0.0.1:8080"
@@ -88,13 +90,13 @@ pytestmark = [
 # the doc
 
 
-def doc_snippets() -> dict[str, tuple[str, str]]:
+def doc_snippets(doc: Path = DOC) -> dict[str, tuple[str, str]]:
     """name -> (language, code) of every fenced block marked `<!-- test: name -->`."""
-    text = DOC.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     found = re.findall(r"<!-- test: (\S+) -->\n```(\w+)\n(.*?)```", text, flags=re.DOTALL)
     snippets = {}
     for name, language, code in found:
-        assert name not in snippets, f"{DOC}: snippet {name!r} marked twice"
+        assert name not in snippets, f"{doc}: snippet {name!r} marked twice"
         snippets[name] = (language, code)
     return snippets
 
@@ -140,6 +142,12 @@ def normalise_commands(text: str) -> list[str]:
     return [" ".join(line.split()) for line in joined.splitlines() if line.strip()]
 
 
+def bash_commands(text: str) -> list[str]:
+    """The commands of every ```bash block of a text, normalised."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    return [command for block in blocks for command in normalise_commands(block)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the doc as text (fast: no run needed)
 
@@ -157,13 +165,12 @@ def test_tgi_commands_match_dockerfile_and_smoke_config():
     from omegaconf import OmegaConf
 
     text = DOC.read_text(encoding="utf-8")
-    tgi_section = text.split("## TGI", 1)[1].split("\n## ", 1)[0]
+    tgi_section = text.split("\n## TGI", 1)[1].split("\n## ", 1)[0]
     assert "not runnable on these machines" in tgi_section.lower()
     image = OmegaConf.load(ROOT / "conf" / "smoke" / "default.yaml").tgi.image
     dockerfile = (ROOT / "Dockerfile.serve").read_text(encoding="utf-8")
     assert f"FROM {image} AS tgi" in dockerfile
-    blocks = re.findall(r"```bash\n(.*?)```", tgi_section, flags=re.DOTALL)
-    commands = [c for block in blocks for c in normalise_commands(block)]
+    commands = bash_commands(text)
     stock = [c for c in commands if image in c]
     assert stock == [
         f'docker run --rm --gpus all --shm-size 1g -p 8080:80 -v "$RUN_DIR/merged:/model:ro" '
@@ -174,6 +181,24 @@ def test_tgi_commands_match_dockerfile_and_smoke_config():
     documented = set(normalise_commands(header))
     serve = [c for c in commands if "Dockerfile.serve" in c or "qlora-serve-" in c]
     assert len(serve) == 6 and all(c in documented for c in serve), (serve, sorted(documented))  # 3 targets
+
+
+def test_readme_serving_examples_are_copies_of_the_doc():
+    """The README's short serving examples are the doc's: each marked snippet the same code as the doc's
+    snippet of that name (which the tests below run), each other command one of the doc's (the container
+    and Ollama commands, which cannot run here)."""
+    text = README.read_text(encoding="utf-8")
+    examples = text.split("\n## Serve it", 1)[1].split("\n## ", 1)[0]
+    marked = doc_snippets(README)
+    assert set(marked) <= set(TESTED_SNIPPETS)
+    assert all(marked[name] == doc_snippets()[name] for name in marked), sorted(marked)
+    blocks = re.findall(r"(<!-- test: \S+ -->\n)?```(\w+)\n(.*?)```", examples, flags=re.DOTALL)
+    assert len(blocks) >= 5, "one example per engine"
+    doc_commands = set(bash_commands(DOC.read_text(encoding="utf-8")))
+    for mark, language, code in blocks:
+        if not mark:
+            assert language == "bash", code
+            assert all(command in doc_commands for command in normalise_commands(code)), code
 
 
 def test_llamacpp_server_command_takes_the_template_from_the_gguf():

@@ -265,12 +265,12 @@ def test_step_settings_out_of_range_are_one_line(override, expected, tmp_path: P
 
 
 def test_the_fits_table_in_the_docs_is_what_the_estimate_prints():
-    """README and docs/train_step.md quote `python -m pipeline.machine.step_plan` for 16-80 GB GPUs."""
+    """docs/train_step.md quotes `python -m pipeline.machine.step_plan` for 16-80 GB GPUs."""
     import re
     import subprocess
     import sys
 
-    tables = (ROOT / "README.md").read_text() + (ROOT / "docs" / "train_step.md").read_text()
+    tables = (ROOT / "docs" / "train_step.md").read_text()
     for overrides, column in (([], 1), (["train=qlora_lean"], 2)):
         out = subprocess.run(
             [sys.executable, "-m", "pipeline.machine.step_plan", *overrides],

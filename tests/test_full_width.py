@@ -1,7 +1,7 @@
 """Llama-2-7B's full width through every stage: `experiment=llama2_7b_shape` cut to 2 of its 32
 layers (hidden 4096, intermediate 11008, 32 heads, vocab 32000, r=64 LoRA on every linear layer,
 NF4 with double quantization), with the real tokenizer and guanaco rows from ../shared. The 32-layer
-run is `bench/full_scale.py` (README: "Full scale"); this is the same path at a depth CI can afford."""
+run is `bench/full_scale.py` (docs/full_scale.md); this is the same path at a depth CI can afford."""
 
 from __future__ import annotations
 
