@@ -23,33 +23,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def compose(experiment: str, run_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from pipeline.config import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", f"run_dir={run_dir}"])
+from harness import best, compose, pipeline_command, ratio, run_child
 
 
 def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:3])} ... failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
+    return run_child(command).seconds
 
 
 def direct(cfg, run_dir: Path, out: Path, calibration: Path) -> float:
@@ -107,8 +89,8 @@ def direct(cfg, run_dir: Path, out: Path, calibration: Path) -> float:
 
 def stages(experiment: str, scratch_run: Path) -> tuple[float, float]:
     """(wall time of both commands, the stages' own seconds from the manifest: no Python start-up)."""
-    base = [sys.executable, "-m", "pipeline", f"experiment={experiment}", f"run_dir={scratch_run}"]
-    wall = timed([*base, "force=true", "stage=convert"]) + timed([*base, "force=true", "stage=quantize"])
+    base = [f"experiment={experiment}", f"run_dir={scratch_run}", "force=true"]
+    wall = timed(pipeline_command(*base, "stage=convert")) + timed(pipeline_command(*base, "stage=quantize"))
     recorded = json.loads((scratch_run / "manifest.json").read_text())["stages"]
     return wall, recorded["convert"]["seconds"] + recorded["quantize"]["seconds"]
 
@@ -119,14 +101,13 @@ def main() -> None:
     parser.add_argument("--experiment", default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from pipeline.chat.rows import read_jsonl
     from pipeline.chat.tokenizer import load_tokenizer
     from pipeline.run.io import write_json
     from pipeline.run.manifest import Manifest
     from pipeline.stages.quantize import calibration_text
 
-    cfg = compose(args.experiment, args.run_dir)
+    cfg = compose(f"experiment={args.experiment}", f"run_dir={args.run_dir}")
     with tempfile.TemporaryDirectory(prefix="convert-quantize-") as scratch:
         scratch = Path(scratch)
         scratch_run = scratch / "run"
@@ -153,18 +134,18 @@ def main() -> None:
             wall, own = stages(args.experiment, scratch_run)
             rounds["stages"].append(wall)
             rounds["stages_own"].append(own)
-    best = {side: min(times) for side, times in rounds.items()}
-    print(json.dumps({"rounds": rounds, "best": best}))
+    fastest = {side: best(times) for side, times in rounds.items()}
+    print(json.dumps({"rounds": rounds, "best": fastest}))
     print(
         f"\nconvert + quantize {list(cfg.export.quants)} (imatrix for {list(cfg.export.imatrix.types)}), "
         f"{args.run_dir}, best of {args.repeats}, {os.cpu_count()} CPUs"
     )
-    print(f"llama.cpp's tools directly: {best['direct']:.2f} s   the stages: {best['stages']:.2f} s")
-    print(f"overhead ratio (stages / direct): {best['stages'] / best['direct']:.3f} (target <= 1.05)")
-    own = best["stages_own"]
+    direct_s, stages_s, own = fastest["direct"], fastest["stages"], fastest["stages_own"]
+    print(f"llama.cpp's tools directly: {direct_s:.2f} s   the stages: {stages_s:.2f} s")
+    print(f"overhead ratio (stages / direct): {ratio(stages_s, direct_s, 3, '')} (target <= 1.05)")
     print(
         f"the stages' own seconds (manifest; no Python start-up): {own:.2f} s, "
-        f"ratio {own / best['direct']:.3f}"
+        f"ratio {ratio(own, direct_s, 3, '')}"
     )
 
 

@@ -28,43 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import (
+    ROOT,
+    Column,
+    describe_cpu,
+    machine,
+    pipeline_command,
+    run_child,
+    save_results,
+    table,
+    tree_memory,
+)
+
 TARGET_SECONDS = 90 * 60
 TARGET_BYTES = 16e9
-
-
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RssAnon, RssFile) summed over a process and its descendants, in bytes."""
-    import psutil
-
-    anon = mapped = 0
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return 0, 0
-    for process in processes:
-        try:
-            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    anon += int(line.split()[1]) * 1024
-                elif line.startswith("RssFile:"):
-                    mapped += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return anon, mapped
 
 
 def make_memory_cgroup(limit_bytes: int) -> tuple[Path | None, str]:
     """A new memory cgroup under this process's, limited to `limit_bytes`: (its directory, its
     version), or (None, why not)."""
-    sys.path.insert(0, str(ROOT))
     from pipeline.machine.memory import memory_cgroup
 
     own = memory_cgroup()
@@ -103,11 +89,6 @@ def cgroup_figures(cgroup: Path, version: str) -> dict:
     }
 
 
-def sample(pid: int, samples: list, stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        samples.append((time.time(), *tree_memory(pid)))
-
-
 def stage_windows(manifest: dict) -> dict[str, tuple[float, float]]:
     """(start, end) epoch seconds of each stage, from its finish time and duration."""
     windows = {}
@@ -141,7 +122,7 @@ def report(run_dir: Path, samples: list | None = None, stage: str = "all") -> di
     sizes = {p.name: p.stat().st_size for p in sorted((run_dir / "gguf").glob("*.gguf"))}
     total = sum(r["seconds"] or 0 for r in rows.values())
     return {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "versions": manifest.get("versions"),
         "stages": rows,
         "total_seconds": total,
@@ -154,21 +135,17 @@ def report(run_dir: Path, samples: list | None = None, stage: str = "all") -> di
     }
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
-    )
-
-
 def print_report(figures: dict) -> None:
-    print(f"\n{figures['machine']['cpu']}, {figures['machine']['cores']} cores")
-    print(f"{'stage':<10} {'time':>9} {'peak RSS':>9} {'anon':>8} {'cap':>8}")
+    print(f"\n{describe_cpu(figures['machine'])}")
+    columns = [Column("stage", 10, "<"), Column("time", 9), Column("peak RSS", 9), Column("anon", 8)]
+    columns += [Column("cap", 8), Column("", 0, "<", gap=0)]
+    rows = []
     for name, row in figures["stages"].items():
         over = " > 16 GB" if max(row["peak_rss_gb"], row["peak_anon_gb"]) * 1e9 > TARGET_BYTES else ""
-        rss, anon = row["peak_rss_gb"], row["peak_anon_gb"]
         cap = f"{row['cgroup_limit_gb']:.1f} GB" if row.get("cgroup_limit_gb") else "none"
-        print(f"{name:<10} {row['seconds'] or 0:>7.1f} s {rss:>6.2f} GB {anon:>5.2f} GB {cap:>8}{over}")
+        seconds, rss, anon = row["seconds"] or 0, row["peak_rss_gb"], row["peak_anon_gb"]
+        rows.append((name, f"{seconds:.1f} s", f"{rss:.2f} GB", f"{anon:.2f} GB", cap, over))
+    print(table(columns, rows))
     minutes = figures["total_seconds"] / 60
     print(f"{'total':<10} {minutes:>6.1f} min (target {TARGET_SECONDS / 60:.0f} min)")
     for name, size in figures["gguf_bytes"].items():
@@ -180,7 +157,6 @@ def print_report(figures: dict) -> None:
 
 
 def limit_bytes(size: str) -> int:
-    sys.path.insert(0, str(ROOT))
     from pipeline.machine.memory import parse_size
 
     return parse_size(size, "--memory-limit")
@@ -207,18 +183,14 @@ def main() -> int:
         samples = [tuple(float(x) for x in line.split()[:3]) for line in lines]
         print_report(report(args.report, samples))
         return 0
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline",
+    command = pipeline_command(
         f"stage={args.stage}",
         *([] if args.stage == "all" else ["force=true"]),
         "experiment=llama2_7b_shape",
         f"model.tiny.num_hidden_layers={args.layers}",
         f"memory_limit={args.memory_limit}",
         f"run_dir={args.run_dir}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    )
     cgroup, version = (
         (None, "--no-cap") if args.no_cap else make_memory_cgroup(limit_bytes(args.memory_limit))
     )
@@ -229,13 +201,16 @@ def main() -> int:
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-    process = subprocess.Popen(command, cwd=ROOT, env=env, preexec_fn=enter_cgroup)
-    samples, stop = [], threading.Event()
-    sampler = threading.Thread(target=sample, args=(process.pid, samples, stop), daemon=True)
-    sampler.start()
-    code = process.wait()
-    stop.set()
-    sampler.join()
+    # The run's log goes straight to the terminal; the whole process tree is sampled every 0.5 s.
+    child = run_child(
+        command,
+        check=False,
+        capture_stdout=False,
+        capture_stderr=False,
+        enter=enter_cgroup,
+        sample=tree_memory,
+    )
+    code, samples = child.returncode, child.samples
     figures = report(args.run_dir, samples, args.stage)
     figures["exit_code"] = code
     figures["cgroup"] = cgroup_figures(cgroup, version) if cgroup else {"not_capped": version}
@@ -245,7 +220,7 @@ def main() -> int:
         except OSError as err:
             print(f"{cgroup}: not removed ({err.strerror})")
     name = "full_scale.json" if args.stage == "all" else f"full_scale-{args.stage}.json"
-    (args.run_dir / name).write_text(json.dumps(figures, indent=2) + "\n")
+    save_results(args.run_dir / name, figures)
     print_report(figures)
     return code
 

@@ -42,16 +42,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+from harness import (
+    ROOT,
+    Column,
+    compose,
+    machine,
+    nvidia_smi,
+    pipeline_command,
+    ratio,
+    run_child,
+    save_results,
+    script_command,
+    table,
+    versions,
+    versions_line,
+)
+
 SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.model"
 
 # meta-llama/Llama-2-7b-hf's config.json.
@@ -169,11 +181,9 @@ def build(work: Path, layers: int, seq_len: int, tokenizer_model: Path | None, r
 
 
 def pipeline_stage(stage: str, run_dir: Path, overrides: list[str]) -> dict:
-    command = [sys.executable, "-m", "pipeline", f"stage={stage}", f"run_dir={run_dir}", *overrides]
-    # The stage's log goes straight to this process's stderr: a long run shows where it is.
-    result = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}): its log is above")
+    """The stage in its own process, its log straight on this process's stderr (a long run shows
+    where it is); its record in the manifest."""
+    run_child(pipeline_command(f"stage={stage}", f"run_dir={run_dir}", *overrides), capture_stderr=False)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     return manifest["stages"][stage]
 
@@ -203,26 +213,11 @@ def project_train(run_dir: Path, overrides: list[str]) -> dict:
 
 def run_worker(flag: str, run_dir: Path, args) -> dict:
     """This script's `flag` worker (the trl baseline, unsloth) in its own process; its last line."""
-    command = [
-        sys.executable,
-        __file__,
-        flag,
-        str(run_dir),
-        "--steps",
-        str(args.steps),
-        "--seq-len",
-        str(args.seq_len),
-    ]
-    result = subprocess.run(
-        command + (["--cpu-check"] if args.cpu_check else []),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        text=True,
+    command = script_command(
+        __file__, flag, str(run_dir), "--steps", str(args.steps), "--seq-len", str(args.seq_len)
     )
-    if result.returncode != 0:
-        raise SystemExit(f"{flag} worker failed ({result.returncode}): its log is above")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    command += ["--cpu-check"] if args.cpu_check else []
+    return run_child(command, what=f"{flag} worker", capture_stderr=False).json()
 
 
 def unsloth_or_reason(run_dir: Path, args) -> dict:
@@ -240,17 +235,6 @@ def unsloth_or_reason(run_dir: Path, args) -> dict:
     if not torch.cuda.is_available():
         return {"not_run": "unsloth needs a CUDA GPU"}
     return run_worker("--unsloth", run_dir, args)
-
-
-def compose_config(overrides: list[str]):
-    """The pipeline's config, composed as the CLI composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def train_with_trl(
@@ -308,7 +292,7 @@ def baseline_main(run_dir: Path, steps: int, seq_len: int, cpu: bool) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    cfg = compose_config(CPU_OVERRIDES if cpu else [])
+    cfg = compose(*(CPU_OVERRIDES if cpu else []))
     base = str(run_dir.parent / "base")
     quantization = OmegaConf.to_container(cfg.train.quantization)
     model = AutoModelForCausalLM.from_pretrained(
@@ -336,7 +320,7 @@ def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
 
     import torch
 
-    cfg = compose_config([])
+    cfg = compose()
     step = json.loads((run_dir / "metrics" / "train.json").read_text())["step"]
     lora = cfg.train.lora
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -374,8 +358,7 @@ def unsloth_main(run_dir: Path, steps: int, seq_len: int) -> None:
 
 def merge_workers(work: Path, run_dir: Path) -> dict:
     """bench/merge_memory.py's project and peft workers on this base and the trained adapter."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import merge_memory
+    import merge_memory  # beside this script
 
     merge_work = work / "merge"
     merge_work.mkdir(exist_ok=True)
@@ -387,29 +370,6 @@ def merge_workers(work: Path, run_dir: Path) -> dict:
     return {
         method: merge_memory.run_worker(method, merge_work, "2GB", size_gb) for method in ("project", "peft")
     }
-
-
-def environment() -> dict:
-    """The versions this run used (the first of each on sys.path) and, where there is one, the GPU."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    env = {"python": sys.version.split()[0], "versions": versions}
-    try:
-        env["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["nvidia_smi"] = None
-    return env
 
 
 def main() -> None:
@@ -434,7 +394,6 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: the trl script
     parser.add_argument("--unsloth", type=Path, help=argparse.SUPPRESS)  # internal: the unsloth script
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     if args.cpu_check:
         args.layers, args.seq_len, args.steps = min(args.layers, 1), min(args.seq_len, 64), min(args.steps, 2)
     if args.baseline:
@@ -458,12 +417,13 @@ def main() -> None:
         "train_only": args.train_only,
         "steps": args.steps,
         "seq_len": args.seq_len,
-        **environment(),
+        "machine": machine(),
+        "versions": versions(),
+        "nvidia_smi": nvidia_smi(),
     }
 
-    def save() -> None:
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    def save() -> None:  # after each part: a later failure keeps the earlier figures
+        save_results(args.out, results)
 
     save()
     print(f"building the {args.layers}-layer Llama-2-7B-shaped base in {work} ...", file=sys.stderr)
@@ -530,33 +490,41 @@ def report(r: dict) -> str:
     def gb(x):
         return "-" if x is None else f"{x:.1f} GB"
 
-    def ratio(a, b, key):
-        return f"{a[key] / b[key]:.2f}x" if a.get(key) and b.get(key) else "-"
-
     names = {
         "project": "(a) stage, defaults",
         "project_lean": "(b) stage, paper literal (lean)",
         "trl": "(c) plain trl, SFTConfig defaults",
         "unsloth": "(d) unsloth",
     }
+    columns = [Column("train", 36, "<"), Column("tokens/s", 9), Column("vs (c)", 7), Column("peak GPU", 9)]
+    columns += [Column("vs (c)", 7), Column("split", 7), Column("pad-free", 8), Column("ckpt", 5)]
+    columns += [Column("optimizer", 0, "<", gap=2)]
+    rows = []
+    for key, name in names.items():
+        t = train[key]
+        if "not_run" in t:
+            rows.append(f"{name:<36} not run: {t['not_run']}")
+            continue
+        speed, memory = t["train_tokens_per_s"], t["peak_gpu_memory_gb"]
+        rows.append(
+            (
+                name,
+                f"{speed:.1f}",
+                ratio(speed, trl["train_tokens_per_s"]),
+                gb(memory),
+                ratio(memory, trl["peak_gpu_memory_gb"]),
+                t["split"],
+                "yes" if t["padding_free"] else "no",
+                "on" if t["gradient_checkpointing"] else "off",
+                t["optim"],
+            )
+        )
     lines = [
         f"\n{r['mode']} on {r['device']}: {r['base']['layers']}-layer Llama-2-7B shape, "
         f"{r['base']['fp16_bytes'] / 1e9:.1f} GB fp16, {r['steps']} steps, "
         f"rows of up to {r['seq_len']} tokens",
-        f"{'train':<36} {'tokens/s':>9} {'vs (c)':>7} {'peak GPU':>9} {'vs (c)':>7} {'split':>7} "
-        f"{'pad-free':>8} {'ckpt':>5}  optimizer",
+        table(columns, rows),
     ]
-    for key, name in names.items():
-        t = train[key]
-        if "not_run" in t:
-            lines.append(f"{name:<36} not run: {t['not_run']}")
-            continue
-        lines.append(
-            f"{name:<36} {t['train_tokens_per_s']:>9.1f} {ratio(t, trl, 'train_tokens_per_s'):>7} "
-            f"{gb(t['peak_gpu_memory_gb']):>9} {ratio(t, trl, 'peak_gpu_memory_gb'):>7} {t['split']:>7} "
-            f"{'yes' if t['padding_free'] else 'no':>8} {'on' if t['gradient_checkpointing'] else 'off':>5}  "
-            f"{t['optim']}"
-        )
     lines.append(f"(a) chose: {project['why']}; {project['attention']} attention; {project['loss']}")
     a_loss = {e["step"]: e["loss"] for e in project["loss_curve"]}
     b_loss = {e["step"]: e["loss"] for e in lean["loss_curve"]}
@@ -570,26 +538,27 @@ def report(r: dict) -> str:
             + "; (b) "
             + " ".join(f"{b_loss[s]:.4f}" for s in shared)
         )
-    speed = project["train_tokens_per_s"] / trl["train_tokens_per_s"]
-    targets = [f"(a)/(c) tokens/s {speed:.2f}x (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'})"]
+
+    def target(label: str, value: float, baseline: float, limit: float, higher: bool) -> str:
+        met = value / baseline >= limit if higher else value / baseline <= limit
+        bound = f"{'>=' if higher else '<='} {limit}"
+        return f"{label} {ratio(value, baseline)} (target {bound}: {'met' if met else 'NOT met'})"
+
+    speed = "train_tokens_per_s"
+    targets = [target("(a)/(c) tokens/s", project[speed], trl[speed], 1.5, higher=True)]
     if lean.get("peak_gpu_memory_gb") and trl.get("peak_gpu_memory_gb"):
-        memory = lean["peak_gpu_memory_gb"] / trl["peak_gpu_memory_gb"]
-        targets.append(
-            f"(b)/(c) memory {memory:.2f}x (target <= 0.8: {'met' if memory <= 0.8 else 'NOT met'})"
-        )
+        memory = lean["peak_gpu_memory_gb"], trl["peak_gpu_memory_gb"]
+        targets.append(target("(b)/(c) memory", *memory, 0.8, higher=False))
     if "not_run" not in unsloth:
-        versus = project["train_tokens_per_s"] / unsloth["train_tokens_per_s"]
-        targets.append(
-            f"(a)/(d) tokens/s {versus:.2f}x (target >= 1.0: {'met' if versus >= 1.0 else 'NOT met'})"
-        )
+        targets.append(target("(a)/(d) tokens/s", project[speed], unsloth[speed], 1.0, higher=True))
     lines.append("targets: " + "; ".join(targets))
     if "merge" in r:
         ours, peft = r["merge"]["project"], r["merge"]["peft"]
         lines.append(
             f"merge (CPU): project {ours['seconds']:.1f} s, peak RSS {ours['peak_rss_mb']:.0f} MB; "
             f"peft {peft['seconds']:.1f} s, {peft['peak_rss_mb']:.0f} MB "
-            f"({ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}x RSS, "
-            f"{ours['seconds'] / peft['seconds']:.2f}x time)"
+            f"({ratio(ours['peak_rss_mb'], peft['peak_rss_mb'])} RSS, "
+            f"{ratio(ours['seconds'], peft['seconds'])} time)"
         )
     if "stages" in r:
         stages = r["stages"]
@@ -599,9 +568,8 @@ def report(r: dict) -> str:
         )
     if "merge" not in r and "stages" not in r:
         lines.append("merge, convert, quantize: not run (--train-only)")
-    versions = r.get("versions") or {}
-    if versions:
-        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if r.get("versions"):
+        lines.append(versions_line(r["versions"]))
     if r.get("nvidia_smi"):
         lines.append("nvidia-smi: " + r["nvidia_smi"].replace("\n", "; "))
     return "\n".join(lines)

@@ -33,15 +33,11 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness import Column, peak_rss_mb, ratio, run_child, save_results, script_command, table
 
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5504, 16, 32000
 LORA_R, LORA_ALPHA = 16, 32
@@ -126,12 +122,6 @@ def describe_run(run_dir: Path) -> dict:
 # ------------------------------------------------------------------ workers (fresh processes)
 
 
-def rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def worker(
     method: str, base_dir: Path, adapter_dir: Path, out_dir: Path, shard_size: str, dtype_name: str
 ) -> dict:
@@ -140,9 +130,9 @@ def worker(
     import torch
     import transformers  # noqa: F401
 
-    from pipeline import merge as project_merge
+    from pipeline.stages import merge as project_merge
 
-    import_rss = rss_mb()
+    import_rss = peak_rss_mb()
     dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
     if method == "project":
@@ -168,7 +158,7 @@ def worker(
     return {
         "method": method,
         "seconds": seconds,
-        "peak_rss_mb": rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "import_rss_mb": import_rss,
         **stats,
     }
@@ -181,9 +171,8 @@ def run_worker(
     out_dir = work / f"merged-{method}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    command = script_command(
+        __file__,
         "--worker",
         method,
         "--out",
@@ -196,11 +185,8 @@ def run_worker(
         str(pair or work),
         "--dtype",
         dtype,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"{method} worker failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    )
+    return run_child(command, what=f"{method} worker").json()
 
 
 # ------------------------------------------------------------------ checks and report
@@ -257,7 +243,7 @@ def compare_outputs(work: Path, pair: Path) -> dict:
     }
 
 
-def table(results: dict[str, dict]) -> str:
+def report(results: dict[str, dict]) -> str:
     p, q = results["project"], results["peft"]
     rows = [
         ("peak RSS MB", p["peak_rss_mb"], q["peak_rss_mb"]),
@@ -265,10 +251,8 @@ def table(results: dict[str, dict]) -> str:
         ("  above imports MB", p["peak_rss_mb"] - p["import_rss_mb"], q["peak_rss_mb"] - q["import_rss_mb"]),
         ("seconds", p["seconds"], q["seconds"]),
     ]
-    lines = [f"{'':<22} {'project':>10} {'peft':>10} {'project/peft':>13}"]
-    for label, a, b in rows:
-        lines.append(f"{label:<22} {a:>10.1f} {b:>10.1f} {a / b if b else float('nan'):>13.2f}")
-    return "\n".join(lines)
+    columns = [Column("", 22, "<"), Column("project", 10), Column("peft", 10), Column("project/peft", 13)]
+    return table(columns, [(label, f"{a:.1f}", f"{b:.1f}", ratio(a, b, suffix="")) for label, a, b in rows])
 
 
 def main() -> None:
@@ -331,15 +315,14 @@ def main() -> None:
             f"(max |delta| {check['max_abs_delta_vs_base']:.3g})"
         )
         print()
-        print(table(results))
+        print(report(results))
         if check["max_abs_diff_project_vs_peft"] > 1e-2:
             raise SystemExit("the two merges disagree: max |diff| > 1e-2")
         adapted = check["adapted_tensors"]
         if not check["tensors_changed_vs_base"] == check["tensors_changed_vs_base_peft"] == adapted > 0:
             raise SystemExit("the adapted tensors and the tensors the merges changed differ")
         if args.out:
-            report = {"model": model, "results": results, "check": check}
-            (work / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+            save_results(work / "results.json", {"model": model, "results": results, "check": check})
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -34,17 +34,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+from harness import (
+    ROOT,
+    Child,
+    Column,
+    best,
+    compose,
+    describe_cpu,
+    machine,
+    pipeline_command,
+    ratio,
+    run_child,
+    script_command,
+    settle,
+    table,
+    versions,
+    versions_line,
+)
 
 BASELINE = "trl SFTTrainer defaults"
 PROJECT_VARIANTS = {
@@ -58,37 +71,14 @@ EXPERIMENTS = ("tiny", "guanaco_tiny")
 SHARED = Path(os.environ.get("PIPELINE_SHARED_DIR", ROOT.parent / "shared"))
 
 
-def compose_experiment(experiment: str, run_dir: Path):
-    """The resolved `experiment=...` config, composed exactly as the CLI composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"experiment={experiment}", f"run_dir={run_dir}"])
-
-
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
-
-
 def build_source(work: Path, experiment: str) -> Path:
     """Data stage via the CLI, then the tiny base via pipeline.models.tiny, into work/source."""
     from pipeline.chat.rows import read_jsonl
     from pipeline.models.tiny import build_tiny_base
 
     source = work / "source"
-    subprocess.run(
-        [sys.executable, "-m", "pipeline", "stage=data", f"experiment={experiment}", f"run_dir={source}"],
-        cwd=ROOT,
-        env=ENV,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    cfg = compose_experiment(experiment, source)
+    run_child(pipeline_command("stage=data", f"experiment={experiment}", f"run_dir={source}"))
+    cfg = compose(f"experiment={experiment}", f"run_dir={source}")
     rows = read_jsonl(source / "data" / "train.jsonl")
     build_tiny_base(cfg.model.tiny, cfg.model.tokenizer_path, rows, source / "base")
     return source
@@ -102,87 +92,46 @@ def fresh_run_dir(source: Path, run_dir: Path) -> Path:
     return run_dir
 
 
-def busy_seconds() -> float:
-    """CPU-seconds the whole machine has spent not idle."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def settle(max_wait: float, busy_percent: float = 20.0) -> float:
-    """Wait (at most `max_wait` s) until other processes use < `busy_percent` of the CPUs; returns it."""
-    import psutil
-
-    deadline = time.monotonic() + max_wait
-    while True:
-        used = psutil.cpu_percent(interval=2.0)
-        if used < busy_percent or time.monotonic() > deadline:
-            return used
-        time.sleep(3)
-
-
-def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run `cmd`; also how many cores other processes kept busy meanwhile (0: the machine was ours)."""
-    busy0, child0, started = busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    others = (busy_seconds() - busy0 - (children_cpu_seconds() - child0)) / wall
-    return result, {"wall_s": wall, "other_cores": max(others, 0.0)}
+def measured(command: list[str], read: Callable[[Child], dict]) -> dict:
+    """Run `command`: what `read` makes of it, with its wall time and how many cores other processes
+    kept busy meanwhile (0: the machine was ours); or, where it failed, why."""
+    child = run_child(command, check=False)
+    extra = {"wall_s": child.seconds, "other_cores": child.other_cores}
+    return {**read(child), **extra} if child.ok else {"error": child.error(), **extra}
 
 
 def run_project(experiment: str, source: Path, run_dir: Path, steps: int, overrides: list[str]) -> dict:
+    def read(_: Child) -> dict:
+        metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
+        return {
+            "tokens_per_s": metrics["train_tokens_per_s"],
+            "tokens": metrics["train_tokens"],
+            "train_s": metrics["train_seconds"],
+            "steps": metrics["steps"],
+        }
+
     fresh_run_dir(source, run_dir)
-    result, extra = measured(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "stage=train",
-            f"experiment={experiment}",
-            f"run_dir={run_dir}",
-            f"train.sft.max_steps={steps}",
-            "train.eval_max_rows=1",
-            *overrides,
-        ]
+    command = pipeline_command(
+        "stage=train",
+        f"experiment={experiment}",
+        f"run_dir={run_dir}",
+        f"train.sft.max_steps={steps}",
+        "train.eval_max_rows=1",
+        *overrides,
     )
-    if result.returncode != 0:
-        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
-    metrics = json.loads((run_dir / "metrics" / "train.json").read_text())
-    return {
-        "tokens_per_s": metrics["train_tokens_per_s"],
-        "tokens": metrics["train_tokens"],
-        "train_s": metrics["train_seconds"],
-        "steps": metrics["steps"],
-        **extra,
-    }
+    return measured(command, read)
 
 
 def run_baseline(
     experiment: str, source: Path, run_dir: Path, steps: int, gradient_checkpointing: bool | None
 ) -> dict:
     fresh_run_dir(source, run_dir)
-    cmd = [
-        sys.executable,
-        __file__,
-        "--baseline",
-        str(run_dir),
-        "--steps",
-        str(steps),
-        "--experiment",
-        experiment,
-    ]
+    command = script_command(
+        __file__, "--baseline", str(run_dir), "--steps", str(steps), "--experiment", experiment
+    )
     if gradient_checkpointing is not None:
-        cmd += ["--gradient-checkpointing", str(gradient_checkpointing).lower()]
-    result, extra = measured(cmd)
-    if result.returncode != 0:
-        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
+        command += ["--gradient-checkpointing", str(gradient_checkpointing).lower()]
+    return measured(command, Child.json)
 
 
 def baseline_main(experiment: str, run_dir: Path, steps: int, gradient_checkpointing: bool | None) -> None:
@@ -197,7 +146,7 @@ def baseline_main(experiment: str, run_dir: Path, steps: int, gradient_checkpoin
     from pipeline.chat.rows import read_jsonl
     from pipeline.stages.train import ThroughputCallback
 
-    cfg = compose_experiment(experiment, run_dir)
+    cfg = compose(f"experiment={experiment}", f"run_dir={run_dir}")
     base = str(run_dir / "base")
     tokenizer = AutoTokenizer.from_pretrained(base)  # carries the Llama-2 chat template
     model = AutoModelForCausalLM.from_pretrained(
@@ -258,7 +207,7 @@ def plain_main(experiment: str, run_dir: Path, steps: int) -> None:
     from pipeline.chat.tokenizer import build_tokenizer
     from pipeline.models.load import load_quantized_base
 
-    cfg = compose_experiment(experiment, run_dir)
+    cfg = compose(f"experiment={experiment}", f"run_dir={run_dir}")
     tokenizer = build_tokenizer(run_dir / "base" / "tokenizer.model")
     rows = read_jsonl(run_dir / "data" / "train.jsonl")
     examples, _ = encode_rows(rows, tokenizer, cfg.train.max_length)
@@ -305,33 +254,15 @@ def plain_main(experiment: str, run_dir: Path, steps: int) -> None:
 
 def run_plain(experiment: str, source: Path, run_dir: Path, steps: int) -> dict:
     fresh_run_dir(source, run_dir)
-    command = [
-        sys.executable,
-        __file__,
-        "--plain",
-        str(run_dir),
-        "--steps",
-        str(steps),
-        "--experiment",
-        experiment,
-    ]
-    result, extra = measured(command)
-    if result.returncode != 0:
-        return {"error": last_line(result.stderr) or f"exit {result.returncode}", **extra}
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), **extra}
+    command = script_command(
+        __file__, "--plain", str(run_dir), "--steps", str(steps), "--experiment", experiment
+    )
+    return measured(command, Child.json)
 
 
 def cpu_description() -> dict:
     """The CPU model, its AVX-512 and bf16 flags, and what torch makes of bf16 here, measured."""
     import torch
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    )
 
     def mm_ms(dtype) -> float:  # a LoRA-shaped matmul of the tiny model: [832, 768] x [768, 64]
         a, b = torch.randn(832, 768, dtype=dtype), torch.randn(768, 64, dtype=dtype)
@@ -344,9 +275,7 @@ def cpu_description() -> dict:
 
     fp32, bf16 = mm_ms(torch.float32), mm_ms(torch.bfloat16)
     return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        **{flag: flag in flags for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
+        **machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "mm_fp32_ms": fp32,
@@ -393,7 +322,6 @@ def main() -> None:
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="measure only these runs")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     experiment = (args.experiment or ["tiny"])[0]
     if args.baseline:
         gc = None if args.gradient_checkpointing is None else args.gradient_checkpointing == "true"
@@ -419,7 +347,7 @@ def main() -> None:
                 if (not args.only or name in args.only) and (experiment == "tiny" or name in GUANACO_RUNS)
             }
             results = measure(experiment, runs, work / experiment, args)
-            batch = compose_experiment(experiment, Path("unused")).train.batch_size
+            batch = compose(f"experiment={experiment}", "run_dir=unused").train.batch_size
             print_table(experiment, results, args.steps, batch, cpu)
     finally:
         if args.work is None:
@@ -450,42 +378,42 @@ def measure(experiment: str, runs: dict, work: Path, args) -> dict[str, list[dic
 
 
 def print_table(experiment: str, results: dict[str, list[dict]], steps: int, batch: int, cpu: dict) -> None:
-    def best(runs):
-        ok = [r for r in runs if "error" not in r]
-        return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+    def fastest(runs: list[dict]) -> dict | None:
+        return best(runs, "tokens_per_s", higher=True)
 
-    def ratio(top, reference) -> str:
-        return f"{top['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"
-
-    baseline, ceiling = best(results.get(BASELINE, [])), best(results.get(CEILING, []))
+    baseline, ceiling = (fastest(results.get(name, [])) or {} for name in (BASELINE, CEILING))
     rounds_run = max(len(runs) for runs in results.values())
-    flags = ", ".join(
-        f"{flag} {'yes' if cpu[flag] else 'no'}" for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    )
     print(
         f"\nTrain throughput, tiny model (experiment={experiment}), {steps} steps per run, batch {batch}, "
         f"best of {rounds_run} interleaved round(s)"
-        f"\nCPU: {cpu['cpu']}, {cpu['cores']} cores; {flags}; "
+        f"\nCPU: {describe_cpu(cpu, flags=True)}; "
         f"torch CPU capability {cpu['torch_cpu_capability']}, "
         f"oneDNN bf16 supported: {cpu['torch_mkldnn_bf16_supported']}; [832,768]x[768,64] mm "
         f"fp32 {cpu['mm_fp32_ms']:.2f} ms, bf16 {cpu['mm_bf16_ms']:.2f} ms"
         + (f"; ISA capped by {cpu['isa_caps']}" if cpu["isa_caps"] else "")
     )
-    header = (
-        f"{'run':<28} {'tokens/s':>9} {'all rounds':>19} {'tokens':>7} {'train s':>8} "
-        f"{'others':>9} {'vs trl':>7} {'vs loop':>8}"
-    )
-    print(header)
-    print("-" * len(header))
+    columns = [Column("run", 28, "<"), Column("tokens/s", 9), Column("all rounds", 19), Column("tokens", 7)]
+    columns += [Column("train s", 8), Column("others", 9), Column("vs trl", 7), Column("vs loop", 8)]
+    rows = []
     for name, runs in results.items():
-        top = best(runs)
+        top = fastest(runs)
         if top is None:
-            print(f"{name:<28} {'failed':>9}   {runs[0]['error']}")
+            rows.append(f"{name:<28} {'failed':>9}   {runs[0]['error']}")
             continue
-        rounds = "/".join(f"{r['tokens_per_s']:.0f}" if "error" not in r else "x" for r in runs)
-        others = "/".join(f"{r['other_cores']:.1f}" for r in runs)
-        figures = f"{top['tokens_per_s']:>9.1f} {rounds:>19} {top['tokens']:>7d} {top['train_s']:>8.1f}"
-        print(f"{name:<28} {figures} {others:>9} {ratio(top, baseline):>7} {ratio(top, ceiling):>8}")
+        speed = top["tokens_per_s"]
+        rows.append(
+            (
+                name,
+                f"{speed:.1f}",
+                "/".join(f"{r['tokens_per_s']:.0f}" if "error" not in r else "x" for r in runs),
+                f"{top['tokens']:d}",
+                f"{top['train_s']:.1f}",
+                "/".join(f"{r['other_cores']:.1f}" for r in runs),
+                ratio(speed, baseline.get("tokens_per_s")),
+                ratio(speed, ceiling.get("tokens_per_s")),
+            )
+        )
+    print(table(columns, rows, rule=True))
     print(
         "\ntokens/s: non-padding input tokens / train time (best round); all rounds: each round's tokens/s;"
         "\nothers: cores kept busy by other processes during each round's run (0 = the machine was ours; a"
@@ -498,12 +426,7 @@ def print_table(experiment: str, results: dict[str, list[dict]], steps: int, bat
             f"trl baseline settings: gradient_checkpointing={baseline['gradient_checkpointing']}, "
             f"optim={baseline['optim']}, loss on all tokens, bf16=False (CPU)"
         )
-    print(
-        "versions: "
-        + ", ".join(
-            f"{lib} {version(lib)}" for lib in ("torch", "transformers", "trl", "peft", "bitsandbytes")
-        )
-    )
+    print(versions_line(versions(("torch", "transformers", "trl", "peft", "bitsandbytes"))))
 
 
 if __name__ == "__main__":
