@@ -121,6 +121,12 @@ def llama2_random_gguf(llama2_hf_dir, llamacpp, tmp_path_factory) -> Path:
     return out
 
 
+# For a smoke stage rerun whose point is not vLLM: vLLM is proven live once, in the session's
+# `tiny_run` (test_smoke.py::test_report_vllm_is_live_with_meta_ids), and its start-up is most of a
+# tiny smoke stage (about 19 of 25 s). The report then says "not_run" for vLLM, with the reason.
+WITHOUT_VLLM = "smoke.vllm.python=/vllm-not-started-for-this-test/bin/python"
+
+
 def run_pipeline(*overrides: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
     """`python -m pipeline <overrides>` in a subprocess, as a user runs it."""
     result = subprocess.run(

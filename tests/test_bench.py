@@ -108,6 +108,7 @@ def test_a_benchs_child_dies_with_the_bench_even_by_sigkill(harness, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_gpu_7b_bench_runs_its_whole_path_on_a_cpu(tmp_path, llamacpp: LlamaCpp):
     """bench/gpu_7b.py --cpu-check: a 1-layer model with Llama-2-7B's widths goes through the train
     stage and the plain trl script, both merges, convert and quantize (not measured on a GPU here)."""

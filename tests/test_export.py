@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_pipeline
+from conftest import ROOT, WITHOUT_VLLM, run_pipeline
 
 from pipeline.chat.format import LLAMA2_CHAT_TEMPLATE, encode_dialog
 
@@ -372,7 +372,7 @@ def test_ladder_floors_and_merge_fidelity(tiny_run):
 def test_rerun_skips_every_stage_and_changes_nothing(tiny_run, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path)
     before, old = artifacts_state(run_dir), manifest(run_dir)
-    result = run_pipeline("stage=all", "experiment=tiny", f"run_dir={run_dir}")
+    result = run_pipeline("stage=all", "experiment=tiny", f"run_dir={run_dir}", WITHOUT_VLLM)
     for stage in PIPELINE_STAGES:
         assert skipped(result, stage) and not ran(result, stage), (stage, said(result)[-3000:])
     after, new = artifacts_state(run_dir), manifest(run_dir)

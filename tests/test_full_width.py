@@ -12,6 +12,9 @@ import shutil
 import pytest
 from conftest import GUANACO_QUESTIONS, LLAMA2_TOKENIZER, need, run_pipeline
 
+# The long set (`pytest -m long`, a second command .ci/run also runs): see pyproject.toml.
+pytestmark = pytest.mark.long
+
 STAGES = ("data", "train", "merge", "convert", "quantize", "ladder", "smoke")
 SHARD = 300_000_000  # small shards, so the base is written in several and the merge check offloads
 

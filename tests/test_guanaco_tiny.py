@@ -14,6 +14,9 @@ from pipeline.chat.format import encode_dialog
 from pipeline.chat.rows import read_jsonl
 from pipeline.chat.tokenizer import load_tokenizer
 
+# The long set (`pytest -m long`, a second command .ci/run also runs): see pyproject.toml.
+pytestmark = pytest.mark.long
+
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "IQ4_XS"]
 NAME = "tiny-llama2vocab-guanaco"
 

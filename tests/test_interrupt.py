@@ -22,6 +22,9 @@ from pipeline.engines.gguf import check_gguf_loads
 from pipeline.run.io import check_safetensors
 from pipeline.stages import STAGES
 
+# The long set (`pytest -m long`, a second command .ci/run also runs): see pyproject.toml.
+pytestmark = pytest.mark.long
+
 SKIPPED = "inputs and config unchanged since it last ran, skipped"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

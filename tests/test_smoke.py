@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import ROOT, TGI_OPENAPI, need, run_pipeline
+from conftest import ROOT, TGI_OPENAPI, WITHOUT_VLLM, need, run_pipeline
 
 from pipeline.chat.format import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
 from pipeline.checks import answering
@@ -72,8 +72,15 @@ def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 def run_smoke(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The smoke stage rerun on a copy; vLLM is not started (its live check reads `tiny_run`'s report)."""
     return run_pipeline(
-        "stage=smoke", "experiment=tiny", f"run_dir={run_dir}", *overrides, check=False, timeout=900
+        "stage=smoke",
+        "experiment=tiny",
+        f"run_dir={run_dir}",
+        WITHOUT_VLLM,
+        *overrides,
+        check=False,
+        timeout=900,
     )
 
 
