@@ -144,6 +144,16 @@ def run_pipeline(*overrides: str, check: bool = True, timeout: int = 1800) -> su
     return result
 
 
+def copy_run(tiny_run: Path, tmp_path: Path, without: tuple[str, ...] = ()) -> Path:
+    """A private copy of the session's tiny run, for a test that reruns a stage: the shared run is
+    never written to (training checkpoints left out: no later stage reads them)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    for name in without:
+        shutil.rmtree(run_dir / name)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One full `stage=all experiment=tiny` run, shared by the tests that inspect its artifacts."""

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, WITHOUT_VLLM, run_pipeline
+from conftest import ROOT, WITHOUT_VLLM, copy_run, run_pipeline
 
 from pipeline.chat.format import LLAMA2_CHAT_TEMPLATE, encode_dialog
 
@@ -71,15 +71,6 @@ def gguf(run_dir: Path, type_name: str) -> Path:
 
 def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())
-
-
-def copy_run(tiny_run: Path, tmp_path: Path, without: tuple[str, ...] = ()) -> Path:
-    """A private copy of the tiny run (training checkpoints left out: no stage reads them)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
-    for name in without:
-        shutil.rmtree(run_dir / name)
-    return run_dir
 
 
 def tree(path: Path) -> dict[str, str]:

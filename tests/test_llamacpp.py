@@ -1,10 +1,14 @@
 """One llama.cpp (pipeline/engines/llamacpp.py): the programs built from the pinned llama-cpp-python sdist are
-the commit the bindings vendor, built without network features, and recorded where a user looks."""
+the commit the bindings vendor, built without network features, and recorded where a user looks; the
+bindings load the same shared libraries as the programs."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +37,24 @@ def test_programs_are_the_commit_the_bindings_vendor(llamacpp):
     assert record["cmake_args"][len(CMAKE_ARGS) :][: len(cpu_cmake_args())] == cpu_cmake_args()
 
 
+def test_the_bindings_load_the_programs_libraries(llamacpp):
+    """The bindings are installed without llama.cpp (`CMAKE_ARGS="$(python pipeline/engines/llamacpp.py
+    cmake-args)"`: -DLLAMA_BUILD=OFF) and `build` links their llama_cpp/lib to the prefix's lib/: the
+    libllama they load is the one the programs load, compiled once."""
+    record = llamacpp.build_record()
+    if "-DBUILD_SHARED_LIBS=OFF" in record["cmake_args"]:
+        pytest.skip(f"{llamacpp.directory}: a --static build (no lib/)")
+    assert record["bindings"]["linked"] is True, record["bindings"]
+    import llama_cpp.llama_cpp
+
+    loaded = Path(os.path.realpath(llama_cpp.llama_cpp._lib._name))
+    assert loaded.parent == (llamacpp.directory / "lib").resolve(), loaded
+
+
 def test_the_bindings_are_built_without_amx_kernels():
     """llama.cpp's AMX kernels die with SIGILL at this commit (pipeline/engines/llamacpp.py, NO_AMX): the
-    bindings must be built with `CMAKE_ARGS="$(python pipeline/engines/llamacpp.py cmake-args)"` as the
-    README's install does; a wheel from an install without it (pip caches wheels) shows here."""
+    bindings must load the libllama `build` compiled without them; bindings pip built with their own
+    llama.cpp (an install without the README's CMAKE_ARGS, or a wheel pip cached) show here."""
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode()
@@ -51,8 +69,15 @@ def test_every_tool_runs_and_links_no_network_library(tool, llamacpp):
     linked = subprocess.run(["ldd", str(path)], capture_output=True, text=True).stdout
     for library in ("libcurl", "libssl", "libcrypto"):
         assert library not in linked, f"{tool} links {library}:\n{linked}"
-    # Static llama.cpp libraries: each program stands alone in bin/.
-    assert "libllama" not in linked and "libggml" not in linked, linked
+    # Shared: llama.cpp's libraries come from the prefix's lib/ (RPATH $ORIGIN/../lib), never from
+    # elsewhere on the machine. Static (--static): each program stands alone in bin/.
+    # "libllama.so.0 => /venv/llama.cpp/bin/../lib/libllama.so.0 (0x...)"
+    ours = re.findall(r"^\s*(?:libllama|libggml|libmtmd)\S* => (\S+)", linked, re.MULTILINE)
+    if "-DBUILD_SHARED_LIBS=OFF" in llamacpp.build_record()["cmake_args"]:
+        assert not ours, linked
+    else:
+        lib = (llamacpp.directory / "lib").resolve()
+        assert ours and all(Path(os.path.realpath(path)).parent == lib for path in ours), linked
     # It runs (llama-quantize answers --help with its usage and exit status 1).
     result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
     assert "usage" in (result.stdout + result.stderr).lower(), (result.returncode, result.stderr[-500:])

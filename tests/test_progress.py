@@ -13,7 +13,7 @@ import sys
 import termios
 
 import pytest
-from conftest import ROOT, WITHOUT_VLLM, run_pipeline
+from conftest import ROOT, WITHOUT_VLLM, copy_run, run_pipeline
 
 
 def copy_for_quantize(tiny_run, tmp_path):
@@ -66,8 +66,10 @@ def test_quantize_shows_progress_on_a_terminal_only(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_the_run_summary_has_stages_artifacts_engines_and_ladder(tiny_run, tmp_path):
-    """The tiny run's own summary (smoke reruns; every other stage is fresh and skipped)."""
-    result = run_pipeline("stage=all", "experiment=tiny", f"run_dir={tiny_run}", WITHOUT_VLLM)
+    """The tiny run's own summary, on a copy (smoke reruns, and its report must stay the shared run's;
+    every other stage is fresh and skipped)."""
+    run_dir = copy_run(tiny_run, tmp_path)
+    result = run_pipeline("stage=all", "experiment=tiny", f"run_dir={run_dir}", WITHOUT_VLLM)
     out = result.stdout[result.stdout.index("Run summary") :]
     for stage in ("data", "train", "merge", "convert", "quantize", "smoke"):
         assert f"\n{stage} " in out, stage

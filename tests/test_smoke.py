@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 from conftest import ROOT, TGI_OPENAPI, WITHOUT_VLLM, need, run_pipeline
+from conftest import copy_run as copy_tiny_run
 
 from pipeline.chat.format import CONTROL_TOKEN_TEXT, TURN_TAGS, DialogError, encode_dialog
 from pipeline.checks import answering
@@ -65,8 +66,7 @@ def gguf_of(run_dir: Path, type_name: str) -> Path:
 
 def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
     """A copy of the shared run to rerun the smoke stage on (the fixture's run is never touched)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
+    run_dir = copy_tiny_run(tiny_run, tmp_path)
     (run_dir / "smoke" / "report.json").unlink()  # the rerun must write its own
     return run_dir
 

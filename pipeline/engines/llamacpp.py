@@ -1,13 +1,15 @@
-"""One llama.cpp for everything: converter, quantizer, bindings and server from one source tree.
+"""One llama.cpp for everything, compiled once: converter, quantizer, bindings and server from one tree.
 
 llama-cpp-python's sdist vendors the whole llama.cpp tree it compiles its bindings from
 (`vendor/llama.cpp`: the server, the tools, `convert_hf_to_gguf.py`, `gguf-py`). `build` compiles
-llama.cpp's own programs from that same tree and installs them, with its converter, under one
-prefix; `LlamaCpp` finds them again for the stages. So the bindings the project imports and the
-programs users run (`llama-server`, `llama-cli`, `llama-quantize`, ...) are one llama.cpp commit.
+llama.cpp's own programs and its shared libraries from that same tree and installs them, with its
+converter, under one prefix (bin/, lib/, convert/); `LlamaCpp` finds them again for the stages. The
+bindings are installed without llama.cpp (`CMAKE_ARGS="$(... cmake-args)"`: -DLLAMA_BUILD=OFF) and
+`build` links their `llama_cpp/lib` to the prefix's lib/: the bindings the project imports and the
+programs users run (`llama-server`, `llama-cli`, `llama-quantize`, ...) load the same libllama.
 
     python -m pipeline.engines.llamacpp build            # into <venv>/llama.cpp (the pipeline's default)
-    python -m pipeline.engines.llamacpp build --prefix /opt/llama.cpp --cmake-arg=-DGGML_NATIVE=OFF
+    python -m pipeline.engines.llamacpp build --static --prefix /opt/llama.cpp --cmake-arg=-DGGML_NATIVE=OFF
 
 Standard library only, so that a container build can run this file on its own.
 """
@@ -41,10 +43,9 @@ LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
 TOOLS = ("llama-server", "llama-cli", "llama-quantize", "llama-imatrix", "llama-perplexity")
 # No web UI download, no curl, no OpenSSL: nothing in the build reaches the network, and the server
-# only ever listens where it is told. Static libraries: each program stands alone in bin/.
+# only ever listens where it is told.
 CMAKE_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
@@ -54,8 +55,22 @@ CMAKE_ARGS = (
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=ON",
 )
-# llama.cpp's AMX kernels are left out of every build, the bindings' included (`cmake-args`, for
-# pip's CMAKE_ARGS): at this commit they die with SIGILL at `tileloadd` inside
+# Shared libraries (the default): bin/'s programs and the bindings load one libllama, libggml*, ... from
+# lib/; the programs find it through their RPATH ($ORIGIN/../lib: literal, no shell ever sees it), so
+# the prefix can move as a whole. Static (`--static`): each program stands alone in bin/ (a container
+# that copies one program).
+SHARED_ARGS = (
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib",
+)
+STATIC_ARGS = ("-DBUILD_SHARED_LIBS=OFF",)
+# The bindings' own build (pip's CMAKE_ARGS): the Python package only, no llama.cpp; `build` links
+# their llama_cpp/lib to the prefix's lib/.
+BINDINGS_CMAKE_ARGS = ("-DLLAMA_BUILD=OFF",)
+
+# llama.cpp's AMX kernels are left out of every build (the bindings load the shared build's libllama):
+# at this commit they die with SIGILL at `tileloadd` inside
 # ggml_backend_amx_mul_mat on a Sapphire Rapids-class Xeon VM (Q4_K_M and Q8_0, in llama-server,
 # llama-perplexity and the bindings alike), where a plain AMX program runs. GGML_NATIVE's
 # -march=native would turn them on; an explicit -mno-amx-* wins over -march in GCC and Clang.
@@ -68,6 +83,10 @@ def cpu_cmake_args() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64"):
         return [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     return []
+
+
+def build_cmake_args(static: bool = False, extra=()) -> list[str]:
+    return [*CMAKE_ARGS, *cpu_cmake_args(), *(STATIC_ARGS if static else SHARED_ARGS), *extra]
 
 
 # What `convert_hf_to_gguf.py` needs beside it: it imports `conversion` from its own directory and
@@ -156,15 +175,18 @@ def _run_logged(command: list[str], log_path: Path) -> None:
         raise ToolFailed(f"{command[0]} failed ({result.returncode}); last lines of {log_path}:\n{tail}")
 
 
-def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extra_cmake_args=()) -> dict:
-    """Compile `TOOLS` from the pinned sdist's llama.cpp tree and install them with its converter.
+def build(
+    prefix: Path, sdist: Path | None = None, jobs: int | None = None, extra_cmake_args=(), static=False
+) -> dict:
+    """Compile `TOOLS` (and, unless `static`, the shared libraries they load) from the pinned sdist's
+    llama.cpp tree and install them with its converter.
 
     Everything is built in a temporary directory and moved under `prefix` only when complete; an
     existing install is replaced only then.
     """
     started = time.monotonic()
     prefix = Path(prefix).resolve()
-    cmake_args = [*CMAKE_ARGS, *cpu_cmake_args(), *extra_cmake_args]
+    cmake_args = build_cmake_args(static, extra_cmake_args)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llama.cpp-build-", dir=prefix.parent) as work:
         work = Path(work)
@@ -191,6 +213,15 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
         (staged / "convert").mkdir()
         for tool in TOOLS:
             shutil.copy2(work / "build" / "bin" / tool, staged / "bin" / tool)
+        libraries = []
+        if not static:  # libllama.so -> libllama.so.0 -> libllama.so.0.0.N: the links as links
+            (staged / "lib").mkdir()
+            for path in sorted((work / "build" / "bin").glob("lib*.so*")):
+                if path.is_symlink():
+                    (staged / "lib" / path.name).symlink_to(os.readlink(path))
+                else:
+                    shutil.copy2(path, staged / "lib" / path.name)
+                libraries.append(path.name)
         for name in CONVERTER_FILES:
             path = source / name
             if path.is_dir():
@@ -202,6 +233,7 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
             "sdist_sha256": digest,
             "commit": commit,
             "tools": list(TOOLS),
+            "libraries": libraries,
             "cmake_args": cmake_args,
             "jobs": jobs,
             "build_seconds": round(time.monotonic() - started, 1),
@@ -215,6 +247,76 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None, extr
         _replace_dir(cached, entry)
         _replace_dir(staged, prefix)
     return record
+
+
+# --- the bindings ----------------------------------------------------------------------------------
+
+
+def bindings_lib_dir() -> Path | None:
+    """The installed llama_cpp package's `lib/`, found without importing it (which fails without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations or not spec.origin:
+        return None  # not installed (or only a leftover directory: a namespace package)
+    return Path(spec.origin).parent / "lib"
+
+
+def link_bindings(prefix: Path) -> dict:
+    """Point the installed bindings at the prefix's shared libraries: a relative link in `llama_cpp/lib`
+    for each of `prefix/lib/lib*.so*`, when the bindings are the pinned version and carry no libllama of
+    their own (links from an earlier `build` are replaced). What it did, as `build.json`'s "bindings"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("llama-cpp-python")
+    except PackageNotFoundError:
+        installed = None
+    target = bindings_lib_dir()
+    record = {"llama_cpp_python": installed, "lib": str(target) if target else None, "linked": False}
+    libraries = sorted((prefix / "lib").glob("lib*.so*")) if (prefix / "lib").is_dir() else []
+    own = target / "libllama.so" if target else None
+    if installed is None or target is None:
+        record["why"] = "llama-cpp-python is not installed in this environment"
+    elif installed != LLAMA_CPP_PYTHON:
+        record["why"] = f"llama-cpp-python {installed} is installed, not the pinned {LLAMA_CPP_PYTHON}"
+    elif own.exists() and not own.is_symlink():
+        record["why"] = (
+            f"the bindings carry their own llama.cpp ({own}): installed without "
+            'CMAKE_ARGS="$(python pipeline/engines/llamacpp.py cmake-args)"; they keep it'
+        )
+    elif not libraries:
+        dangling = sorted(p.name for p in target.glob("lib*.so*") if p.is_symlink() and not p.exists())
+        record["why"] = f"{prefix} has no shared libraries (a --static build)" + (
+            f"; the bindings' links are now dangling ({', '.join(dangling)}): build without --static"
+            if dangling
+            else ""
+        )
+    else:
+        target.mkdir(exist_ok=True)
+        for old in target.glob("lib*.so*"):
+            if old.is_symlink():
+                old.unlink()
+        for library in libraries:
+            (target / library.name).symlink_to(os.path.relpath(library, target))
+        record.update(linked=True, to=str(prefix / "lib"), libraries=[p.name for p in libraries])
+    return record
+
+
+def _install_bindings_record(prefix: Path) -> dict:
+    bindings = link_bindings(prefix)
+    path = prefix / "build.json"
+    record = json.loads(path.read_text())
+    record["bindings"] = bindings
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return bindings
+
+
+def _say_bindings(bindings: dict) -> None:
+    if bindings["linked"]:
+        print(f"bindings: {bindings['lib']} -> {bindings['to']} ({len(bindings['libraries'])} libraries)")
+    else:
+        print(f"bindings: not linked: {bindings['why']}")
 
 
 # --- use --------------------------------------------------------------------------------------------
@@ -314,21 +416,28 @@ def main(argv: list[str] | None = None) -> int:
     build_parser.add_argument(
         "--force", action="store_true", help="compile even if this build is installed or cached"
     )
+    build_parser.add_argument(
+        "--static",
+        action="store_true",
+        help="static programs only, each standing alone in bin/ (no lib/: the bindings are not linked)",
+    )
     sub.add_parser("version", help="the installed programs' llama.cpp commit, beside the bindings'")
     sub.add_parser(
-        "cmake-args", help='the CMake arguments for the bindings\' build: CMAKE_ARGS="$(...)" pip install'
+        "cmake-args",
+        help="the CMake arguments for the bindings' build (no llama.cpp: `build` links them to its own): "
+        'CMAKE_ARGS="$(...)" pip install --no-cache-dir',
     )
     args = parser.parse_args(argv)
     if args.command == "cmake-args":
         import shlex
 
-        print(shlex.join(cpu_cmake_args()))
+        print(shlex.join(BINDINGS_CMAKE_ARGS))
         return 0
     if args.command == "version":
         print(json.dumps(LlamaCpp().version(), indent=2))
         return 0
     prefix = args.prefix.resolve()
-    cmake_args = [*CMAKE_ARGS, *cpu_cmake_args(), *args.cmake_arg]
+    cmake_args = build_cmake_args(args.static, args.cmake_arg)
     existing = LlamaCpp(prefix).build_record()
     if (
         not args.force
@@ -340,22 +449,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} already built ({', '.join(existing['tools'])}); "
             "--force rebuilds"
         )
+        _say_bindings(_install_bindings_record(prefix))
         return 0
     if not args.force and install_from_cache(prefix, cmake_args):
         print(
             f"{prefix}: llama.cpp {LLAMA_CPP_COMMIT[:9]} installed from {cache_entry(cmake_args)}; "
             "--force rebuilds"
         )
+        _say_bindings(_install_bindings_record(prefix))
         return 0
     print(
-        f"building llama.cpp {LLAMA_CPP_COMMIT[:9]} ({', '.join(TOOLS)}) into {args.prefix} ...", flush=True
+        f"building llama.cpp {LLAMA_CPP_COMMIT[:9]} ({', '.join(TOOLS)}"
+        f"{', static' if args.static else ' and its shared libraries'}) into {args.prefix} ...",
+        flush=True,
     )
     try:
-        record = build(prefix, args.sdist, args.jobs, args.cmake_arg)
+        record = build(prefix, args.sdist, args.jobs, args.cmake_arg, args.static)
+        print(f"built in {record['build_seconds']:.0f} s: {prefix / 'bin'}", flush=True)
+        _say_bindings(_install_bindings_record(prefix))
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"built in {record['build_seconds']:.0f} s: {prefix / 'bin'}")
     return 0
 
 
