@@ -16,7 +16,9 @@ from pipeline.run.layout import OUTTYPES, RunDir
 
 @dataclass(frozen=True)
 class StageSpec:
-    module: str  # has run(cfg, run_dir) -> metrics
+    # pipeline/stages/<name>.py, which has run(cfg, run_dir) -> metrics. Named, not imported: it is
+    # imported when the stage runs, so `stage=data` never loads torch, transformers or trl.
+    module: str
     config_keys: tuple[str, ...]  # the config keys (groups or dotted keys) that shape its outputs
     inputs: Callable[[DictConfig, RunDir], list[Path]]
     outputs: Callable[[DictConfig, RunDir], list[Path]]
