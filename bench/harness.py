@@ -207,7 +207,9 @@ def settle(max_wait: float, busy_percent: float = 20.0) -> float:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, MB (a worker's own, measured in it)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from pipeline.machine.memory import high_water_mark
+
+    return high_water_mark() / 2**20
 
 
 # ------------------------------------------------------------------ the machine
@@ -238,16 +240,10 @@ def describe_cpu(figures: dict, flags: bool = False) -> str:
 
 
 def versions(names: Iterable[str] = LIBRARIES) -> dict[str, str | None]:
-    """The installed version of each package (the first on sys.path), None where it is missing."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed version of each package, None where it is missing (the manifest's lookup)."""
+    from pipeline.run.manifest import package_versions
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return package_versions(names)
 
 
 def versions_line(found: dict) -> str:

@@ -44,15 +44,21 @@ LIBRARIES = (
 TIMESTAMP_TICK_NS = 50_000_000  # above the kernel's coarse clock tick (4 ms at HZ=250, 10 at 100)
 
 
+def package_versions(names) -> dict[str, str | None]:
+    """The installed version of each package, None where it is missing."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def library_versions(llamacpp_dir: str | None = None) -> dict:
     from pipeline.engines.llamacpp import LlamaCpp
 
-    versions: dict = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions: dict = {"python": platform.python_version(), **package_versions(LIBRARIES)}
     # The one llama.cpp commit behind the converter, quantizer, bindings and server.
     try:
         versions["llama.cpp"] = LlamaCpp(llamacpp_dir).version()
